@@ -1,0 +1,51 @@
+-- wrk script for benchmarks/e2e.py: cycles through bearer tokens read from a file.
+--   WRK_TOKENS=/path/tokens.txt  one token per line (required)
+--   WRK_PATH=/api/bench          request path (default /api/bench)
+--   WRK_RESULT=/path/out.json    where done() writes the machine-readable summary
+-- Requests are pre-formatted once in init() so the per-request Lua cost is an index bump.
+
+local requests = {}
+local n = 0
+local i = 0
+
+function init(args)
+   local path = os.getenv("WRK_TOKENS")
+   if path == nil then
+      error("WRK_TOKENS is not set")
+   end
+   local target = os.getenv("WRK_PATH") or "/api/bench"
+   for line in io.lines(path) do
+      if #line > 0 then
+         n = n + 1
+         requests[n] = wrk.format("GET", target, {["Authorization"] = "Bearer " .. line})
+      end
+   end
+   if n == 0 then
+      error("no tokens in " .. path)
+   end
+   -- Each thread starts at a different offset so threads do not march in lockstep.
+   i = math.random(0, n - 1)
+end
+
+function request()
+   i = i % n + 1
+   return requests[i]
+end
+
+function done(summary, latency, requests)
+   local out = os.getenv("WRK_RESULT")
+   if out == nil then
+      return
+   end
+   local f = io.open(out, "w")
+   local e = summary.errors
+   f:write(string.format(
+      '{"requests": %d, "duration_us": %d, "bytes": %d, ' ..
+      '"errors": {"connect": %d, "read": %d, "write": %d, "status": %d, "timeout": %d}, ' ..
+      '"latency_us": {"p50": %d, "p90": %d, "p99": %d, "p999": %d, "max": %d, "mean": %.1f}}\n',
+      summary.requests, summary.duration, summary.bytes,
+      e.connect, e.read, e.write, e.status, e.timeout,
+      latency:percentile(50), latency:percentile(90), latency:percentile(99),
+      latency:percentile(99.9), latency.max, latency.mean))
+   f:close()
+end

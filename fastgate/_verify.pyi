@@ -1,0 +1,191 @@
+"""Typed surface of the compiled hot path (fastgate/_verify.pyx).
+
+Every token-level decision is made here: compact-JWS parsing, alg/key binding, signature
+verification, claim checks and the verified-token cache. Nothing in here raises for a bad
+token; every outcome is a :class:`fastgate.reasons.Reason`.
+
+Check order (first failure wins): size -> segments / base64url -> header JSON -> payload JSON
+-> alg (allow-list, "none") -> issuer -> keys ever loaded (jwks_unavailable) -> kid -> key
+lookup -> alg/key binding -> signature -> claims (exp/nbf/iat with skew, aud, required,
+lifetime). A forged and expired token is signature_invalid; a validly signed expired one is
+token_expired.
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fastgate.reasons import Reason
+
+REASON_CODES: dict[str, int]
+"""Reason name -> C code; kept equal to ``{r.name: r.value for r in Reason}`` by a test."""
+
+SUPPORTED_ALGORITHMS: frozenset[str]
+"""Every JWS ``alg`` this build can verify (RS*/PS*/ES*/EdDSA/HS*)."""
+
+ASYMMETRIC_ALGORITHMS: frozenset[str]
+HMAC_ALGORITHMS: frozenset[str]
+MAX_KID_LENGTH: int
+"""A header ``kid`` longer than this (in characters) is token_malformed."""
+MAX_KIDLESS_KEYS: int
+"""A token without ``kid`` tries at most this many keys that fit its alg, in JWKS order."""
+MAX_JWKS_KEYS: int
+"""Keys considered per JWKS document; the rest are skipped as "too many keys"."""
+MAX_CACHED_TOKEN_BYTES: int
+"""Tokens longer than this are verified every time and never cached (Envoy's limit)."""
+MAX_JSON_DEPTH: int
+"""Deepest nesting of objects/arrays accepted in a header or payload (deeper: malformed)."""
+
+class Result:
+    """The outcome of one verification. ``claims`` is set only when ``ok``.
+
+    ``claims``, ``payload`` and ``header`` may be the very objects held by the verified-token
+    cache and the header cache, shared by later results: treat them as read-only (copy before
+    changing). Mutating them cannot change a later decision, only what later results show.
+    """
+
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def reason(self) -> Reason: ...
+    @property
+    def claims(self) -> dict[str, Any] | None: ...
+    @property
+    def header(self) -> dict[str, Any] | None:
+        """The parsed JOSE header, when parsing got that far (unverified unless ok)."""
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        """The parsed payload, when parsing got that far (unverified unless ok)."""
+    @property
+    def detail(self) -> str:
+        """A short fixed description of the check that decided (for logs and `fastgate verify`),
+        e.g. "segment count", "base64url", "duplicate member", "alg none", "kid unknown",
+        "signature", "exp", "cache hit", "ok". Never contains token bytes."""
+    @property
+    def kid(self) -> str | None:
+        """The header ``kid`` when it is an acceptable string (set for key_not_found)."""
+    @property
+    def alg(self) -> str | None: ...
+    @property
+    def issuer(self) -> str | None:
+        """The token's ``iss`` as read (unverified unless ok)."""
+    @property
+    def verifier(self) -> Verifier | None:
+        """The verifier (provider) that decided, when an issuer was selected."""
+    @property
+    def cached(self) -> bool:
+        """True when the decision came from the verified-token cache."""
+
+class KeyReport:
+    """What :meth:`Verifier.set_jwks` did with a JWKS document."""
+
+    @property
+    def loaded(self) -> int: ...
+    @property
+    def skipped(self) -> list[tuple[str | None, str]]:
+        """(kid, why) for every key that was not usable, e.g. ("k1", "rsa modulus < 2048 bits")."""
+    @property
+    def kids(self) -> frozenset[str]: ...
+
+class TokenCache:
+    """Bounded LRU of verified tokens, keyed by the token bytes; shareable between verifiers.
+
+    Only ok results of tokens up to MAX_CACHED_TOKEN_BYTES are stored. A hit re-checks the
+    time window (exp/nbf/iat with skew, and max_lifetime), that the key used is still in the
+    verifier's key set, that the verifier is the one this Verifier / IssuerSet would pick, and
+    the audiences in force; a failed re-check evicts the entry and verifies afresh.
+    ``max_entries=0`` disables caching.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None: ...
+    def __len__(self) -> int: ...
+    def clear(self) -> None: ...
+    @property
+    def max_entries(self) -> int: ...
+    @property
+    def hits(self) -> int: ...
+    @property
+    def misses(self) -> int: ...
+
+class Verifier:
+    """Verifies JWTs of one issuer (one provider)."""
+
+    def __init__(
+        self,
+        issuer: str,
+        audiences: Iterable[str] | None = None,
+        jwks: Mapping[str, Any] | None = None,
+        secret: bytes | None = None,
+        algorithms: Iterable[str] | None = None,
+        clock_skew: float = 60,
+        require: Iterable[str] = ("exp",),
+        max_lifetime: float | None = None,
+        cache_size: int = 100_000,
+        *,
+        cache: TokenCache | None = None,
+        max_token_bytes: int = 8192,
+        name: str | None = None,
+    ) -> None:
+        """Raises ValueError for a configuration that cannot be safe (unknown alg, "none", empty
+        algorithms, HS with jwks, mixed HS and asymmetric algs, secret shorter than the hash,
+        jwks and secret both, negative skew, ...).
+
+        ``algorithms`` defaults to every asymmetric alg (with ``jwks`` or no keys yet) or to
+        the HS* algs whose hash fits ``secret``. ``audiences`` None or empty: aud is not
+        matched (its type is still checked). ``cache``: share a TokenCache (``cache_size`` is
+        then ignored); ``cache_size=0`` disables caching. With ``secret`` the header kid is not
+        used: the secret is the only key."""
+    def verify(self, token: str | bytes, now: float | None = None) -> Result:
+        """Never raises. ``now`` (seconds since the epoch) defaults to CLOCK_REALTIME."""
+    def set_jwks(self, jwks: Mapping[str, Any]) -> KeyReport:
+        """Replace the key set. Raises ValueError if the document is not a JWKS (not an object
+        with a ``keys`` array) or this verifier uses a secret; individual unusable keys are
+        skipped and reported (oct keys, use enc, RSA < 2048 or > 8192 bits, bad points, ...).
+        A kid that appears on two usable keys is ambiguous: both are dropped.
+        Keys whose material and binding are unchanged keep their prepared object (cached
+        tokens stay warm); cached tokens of removed or changed keys stop hitting at once."""
+    def has_kid(self, kid: str) -> bool: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def issuer(self) -> str: ...
+    @property
+    def audiences(self) -> frozenset[str]: ...
+    @property
+    def algorithms(self) -> frozenset[str]: ...
+    @property
+    def has_keys(self) -> bool:
+        """False until a key set with at least one usable key (or a secret) was loaded; stays
+        True afterwards (an emptied key set then gives key_not_found, not jwks_unavailable)."""
+    @property
+    def key_count(self) -> int: ...
+    @property
+    def cache(self) -> TokenCache: ...
+
+class IssuerSet:
+    """Selects the verifier by the token's (unverified) ``iss`` and verifies with it.
+
+    One per route: ``audiences``, when given, replaces every verifier's own audiences
+    (SPEC §2 route ``auth.audiences``). Cached results are re-checked against this set's
+    verifiers and audiences, so a token cached on one route never passes another route
+    by way of the cache.
+    """
+
+    def __init__(
+        self,
+        verifiers: Iterable[Verifier],
+        cache: TokenCache,
+        audiences: Iterable[str] | None = None,
+    ) -> None: ...
+    def verify(self, token: str | bytes, now: float | None = None) -> Result: ...
+    def verifier_for(self, issuer: str) -> Verifier | None: ...
+
+def verify_jws(
+    token: str | bytes,
+    jwk_or_jwks: Mapping[str, Any],
+    algorithms: Iterable[str] | None = None,
+) -> Reason:
+    """Format, alg/key binding and signature only (for test vectors whose payload is not a
+    claim set). ``oct`` keys are accepted here because the caller hands the key in directly
+    (one shorter than the hash is unusable). A single JWK without ``kid`` is used whatever the
+    token's kid; in a JWKS the kid must match. Never raises for a bad token; ValueError for a
+    ``jwk_or_jwks`` that is not a JSON object or a bad ``algorithms``."""

@@ -1,0 +1,228 @@
+"""The `fastgate` command line (SPEC §8). The only module that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from fastgate.errors import ConfigError
+
+
+def _load(path: str) -> Any:
+    from fastgate.config import load_config
+
+    return load_config(path, os.environ)
+
+
+def _print_config_errors(path: str, exc: ConfigError) -> None:
+    print(f"{path}: {len(exc.errors)} error(s)", file=sys.stderr)
+    for line in exc.errors:
+        print(f"  {line}", file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        _print_config_errors(args.config, exc)
+        return 1
+    except OSError as exc:
+        print(f"{args.config}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.config}: OK ({len(config.routes)} routes, {len(config.providers)} providers, "
+        f"{len(config.upstreams)} upstreams)"
+    )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        _print_config_errors(args.config, exc)
+        return 1
+    except OSError as exc:
+        print(f"{args.config}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    from fastgate import supervisor
+
+    return supervisor.run(config, workers=args.workers)
+
+
+def _claim_value(text: str) -> Any:
+    """`key=value` pairs: the value is JSON when it parses as JSON, else a plain string."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from fastgate.config import parse_duration
+    from fastgate.devtoken import generate_key, load_key, mint
+
+    if args.key:
+        key = load_key(Path(args.key).read_bytes(), alg=args.alg, kid=args.kid)
+    else:
+        key = generate_key(args.alg or "RS256", kid=args.kid or "dev")
+        print("# no --key given: signed with a throw-away key; its public JWK:", file=sys.stderr)
+        print(orjson.dumps(key.public_jwk()).decode(), file=sys.stderr)
+    claims: dict[str, Any] = {}
+    if args.claims:
+        loaded = orjson.loads(args.claims)
+        if not isinstance(loaded, dict):
+            print("--claims must be a JSON object", file=sys.stderr)
+            return 2
+        claims.update(loaded)
+    for pair in args.pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            print(f"expected key=value, got {pair!r}", file=sys.stderr)
+            return 2
+        claims[name] = _claim_value(value)
+    for name in ("iss", "sub", "scope"):
+        if getattr(args, name):
+            claims[name] = getattr(args, name)
+    if args.aud:
+        claims["aud"] = args.aud[0] if len(args.aud) == 1 else list(args.aud)
+    lifetime = parse_duration(args.exp, "--exp")
+    print(mint(key, claims, lifetime=lifetime))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from fastgate import demo
+
+    if args.duration is not None and args.duration <= 0:
+        print("--duration must be > 0 seconds", file=sys.stderr)
+        return 2
+    return demo.main(port=args.port, duration=args.duration, as_json=args.json,
+                     workdir=args.dir)
+
+
+def _parse_now(text: str) -> float:
+    """Seconds since the epoch, or an ISO 8601 date-time (UTC when it has no offset)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import datetime as dt
+
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return moment.timestamp()
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Exit 0 when the token would be accepted, 1 when rejected, 2 on usage/config errors."""
+    from fastgate.explain import ExplainError, explain
+
+    token = sys.stdin.read() if args.token == "-" else args.token
+    if not token.strip():
+        print("fastgate verify: empty token", file=sys.stderr)
+        return 2
+    try:
+        now = _parse_now(args.now) if args.now is not None else None
+    except ValueError:
+        print(f"--now: expected seconds since the epoch or an ISO 8601 time, got {args.now!r}",
+              file=sys.stderr)
+        return 2
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        _print_config_errors(args.config, exc)
+        return 2
+    except OSError as exc:
+        print(f"{args.config}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    try:
+        result = explain(config, token, args.route, now)
+    except ConfigError as exc:
+        _print_config_errors(args.config, exc)
+        return 2
+    except ExplainError as exc:
+        print(f"fastgate verify: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(orjson.dumps(result.to_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(result.render())
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastgate", description="JWT-validating edge reverse proxy"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="serve the gateway")
+    run.add_argument("-c", "--config", required=True, help="gateway YAML file")
+    run.add_argument("--workers", type=int, default=None,
+                     help="worker processes (overrides the config; 0 = one per CPU)")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a config; exit 1 listing every error")
+    check.add_argument("-c", "--config", required=True)
+    check.set_defaults(func=cmd_check)
+
+    token = sub.add_parser("token", help="mint a development token")
+    token.add_argument("--key", help="private key file: PEM or JWK (default: throw-away key)")
+    token.add_argument("--alg", help="JWS alg (default: from the key type)")
+    token.add_argument("--kid", help="key id for the header")
+    token.add_argument("--iss")
+    token.add_argument("--sub")
+    token.add_argument("--aud", action="append", help="audience (repeatable)")
+    token.add_argument("--scope", help="space-separated scopes")
+    token.add_argument("--exp", default="10m", help="lifetime: seconds or 30s/10m/24h")
+    token.add_argument("--claims", help="claims as a JSON object")
+    token.add_argument("pairs", nargs="*", metavar="key=value",
+                       help="extra claims; values are JSON when they parse, else strings")
+    token.set_defaults(func=cmd_token)
+
+    demo = sub.add_parser(
+        "demo", help="dev issuer + echo upstream + gateway on loopback, with curl commands")
+    demo.add_argument("--port", type=int, default=8080,
+                      help="gateway port (default 8080; a free port if busy; 0 = any free port)")
+    demo.add_argument("--duration", type=float, default=None,
+                      help="stop by itself after this many seconds (default: until Ctrl-C)")
+    demo.add_argument("--json", action="store_true",
+                      help="print the URLs, tokens and commands as one JSON line")
+    demo.add_argument("--dir", help="where to write the config and the issuer key "
+                                    "(default: a new temporary directory)")
+    demo.set_defaults(func=cmd_demo)
+
+    verify = sub.add_parser(
+        "verify", help="explain the decision about a token: reason, check, claims, key")
+    verify.add_argument("-c", "--config", required=True, help="gateway YAML file")
+    verify.add_argument("--route", help="route name (default: the first route with JWT auth "
+                                        "listing the token's issuer)")
+    verify.add_argument("--now", help="evaluate at this time: epoch seconds or ISO 8601")
+    verify.add_argument("--json", action="store_true", help="machine-readable output")
+    verify.add_argument("token", metavar="TOKEN", help="the JWT ('-' reads it from stdin)")
+    verify.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (OSError, ValueError) as exc:
+        print(f"fastgate {args.command}: {exc}", file=sys.stderr)
+        return 1
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The closed set of decisions (SPEC §4): one label for the HTTP body, the metrics and the logs."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Reason(IntEnum):
+    """Why a request was admitted or rejected.
+
+    The integer values are stable: the compiled verifier returns them as C codes
+    (``fastgate._verify.REASON_CODES`` mirrors this enum and a test keeps the two equal).
+    """
+
+    OK = 0
+    TOKEN_MISSING = 1
+    TOKEN_MALFORMED = 2
+    TOKEN_TOO_LARGE = 3
+    ALG_NOT_ALLOWED = 4
+    ISSUER_UNKNOWN = 5
+    KEY_NOT_FOUND = 6
+    SIGNATURE_INVALID = 7
+    TOKEN_EXPIRED = 8
+    TOKEN_NOT_YET_VALID = 9
+    AUDIENCE_MISMATCH = 10
+    CLAIM_MISSING = 11
+    TOKEN_AMBIGUOUS = 12
+    INSUFFICIENT_SCOPE = 13
+    CLAIM_MISMATCH = 14
+    API_KEY_MISSING = 15
+    API_KEY_INVALID = 16
+    API_KEY_MISMATCH = 17
+    JWKS_UNAVAILABLE = 18
+
+    @property
+    def label(self) -> str:
+        """The lower-snake name used in bodies, metric labels and logs."""
+        return _LABELS[self]
+
+    @property
+    def status(self) -> int:
+        """The HTTP status of a reject for this reason (200 for OK)."""
+        return _STATUS[self]
+
+    @property
+    def error(self) -> str | None:
+        """The RFC 6750 §3.1 error code, or None where the scheme defines none."""
+        return _ERROR[self]
+
+    def www_authenticate(self, scope: str | None = None) -> str | None:
+        """The ``WWW-Authenticate`` value of SPEC §4 (None for OK and jwks_unavailable).
+
+        ``scope`` is the space-separated list of required scopes, used only by
+        insufficient_scope (RFC 6750 §3: the ``scope`` attribute).
+        """
+        if self is Reason.OK or self is Reason.JWKS_UNAVAILABLE:
+            return None
+        if self is Reason.TOKEN_MISSING:
+            # RFC 6750 §3.1: a request with no credentials gets no error code.
+            return 'Bearer realm="fastgate"'
+        if self is Reason.INSUFFICIENT_SCOPE:
+            value = 'Bearer realm="fastgate", error="insufficient_scope"'
+            if scope:
+                value += f', scope="{scope}"'
+            return value
+        if _ERROR[self] == "invalid_token" and self.status == 401:
+            return (
+                f'Bearer realm="fastgate", error="invalid_token", '
+                f'error_description="{self.label}"'
+            )
+        return f'Bearer realm="fastgate", error="{_ERROR[self]}"'
+
+
+_LABELS: dict[Reason, str] = {r: r.name.lower() for r in Reason}
+
+_STATUS: dict[Reason, int] = {r: 401 for r in Reason}
+_STATUS.update(
+    {
+        Reason.OK: 200,
+        Reason.TOKEN_AMBIGUOUS: 400,
+        Reason.INSUFFICIENT_SCOPE: 403,
+        Reason.CLAIM_MISMATCH: 403,
+        Reason.API_KEY_MISMATCH: 403,
+        Reason.JWKS_UNAVAILABLE: 503,
+    }
+)
+
+_ERROR: dict[Reason, str | None] = {r: "invalid_token" for r in Reason}
+_ERROR.update(
+    {
+        Reason.OK: None,
+        Reason.TOKEN_MISSING: "invalid_request",
+        Reason.TOKEN_AMBIGUOUS: "invalid_request",
+        Reason.INSUFFICIENT_SCOPE: "insufficient_scope",
+        Reason.CLAIM_MISMATCH: "insufficient_scope",
+        Reason.API_KEY_MISSING: "invalid_request",
+        Reason.API_KEY_INVALID: "invalid_request",
+        Reason.JWKS_UNAVAILABLE: "temporarily_unavailable",
+    }
+)
+
+REJECT_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r is not Reason.OK)

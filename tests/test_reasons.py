@@ -1,0 +1,94 @@
+"""The closed set of reasons (SPEC §4) and its C mirror in the compiled verifier."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastgate import _verify
+from fastgate.reasons import REJECT_REASONS, Reason
+
+# SPEC §4, row by row: reason -> (status, WWW-Authenticate without a scope)
+_INVALID_TOKEN = 'Bearer realm="fastgate", error="invalid_token", error_description="{}"'
+SPEC_TABLE: dict[Reason, tuple[int, str | None]] = {
+    Reason.TOKEN_MISSING: (401, 'Bearer realm="fastgate"'),
+    **{
+        r: (401, _INVALID_TOKEN.format(r.name.lower()))
+        for r in (
+            Reason.TOKEN_MALFORMED, Reason.TOKEN_TOO_LARGE, Reason.ALG_NOT_ALLOWED,
+            Reason.ISSUER_UNKNOWN, Reason.KEY_NOT_FOUND, Reason.SIGNATURE_INVALID,
+            Reason.TOKEN_EXPIRED, Reason.TOKEN_NOT_YET_VALID, Reason.AUDIENCE_MISMATCH,
+            Reason.CLAIM_MISSING,
+        )
+    },
+    Reason.TOKEN_AMBIGUOUS: (400, 'Bearer realm="fastgate", error="invalid_request"'),
+    Reason.INSUFFICIENT_SCOPE: (403, 'Bearer realm="fastgate", error="insufficient_scope"'),
+    Reason.CLAIM_MISMATCH: (403, 'Bearer realm="fastgate", error="insufficient_scope"'),
+    Reason.API_KEY_MISSING: (401, 'Bearer realm="fastgate", error="invalid_request"'),
+    Reason.API_KEY_INVALID: (401, 'Bearer realm="fastgate", error="invalid_request"'),
+    Reason.API_KEY_MISMATCH: (403, 'Bearer realm="fastgate", error="invalid_token"'),
+    Reason.JWKS_UNAVAILABLE: (503, None),
+}
+
+
+def test_c_codes_mirror_the_enum() -> None:
+    assert {r.name: r.value for r in Reason} == _verify.REASON_CODES
+
+
+def test_spec_table_covers_every_reject_reason() -> None:
+    assert set(SPEC_TABLE) == set(REJECT_REASONS)
+    assert Reason.OK not in REJECT_REASONS
+
+
+@pytest.mark.parametrize("reason", list(Reason), ids=lambda r: r.name)
+def test_label_is_the_lower_snake_name(reason: Reason) -> None:
+    assert reason.label == reason.name.lower()
+    assert reason.label.replace("_", "").isalpha()
+
+
+def test_labels_are_unique() -> None:
+    assert len({r.label for r in Reason}) == len(Reason)
+
+
+@pytest.mark.parametrize("reason", list(REJECT_REASONS), ids=lambda r: r.name)
+def test_status_and_www_authenticate_follow_spec(reason: Reason) -> None:
+    status, header = SPEC_TABLE[reason]
+    assert reason.status == status
+    assert reason.www_authenticate() == header
+
+
+def test_ok() -> None:
+    assert Reason.OK.status == 200
+    assert Reason.OK.label == "ok"
+    assert Reason.OK.error is None
+    assert Reason.OK.www_authenticate() is None
+
+
+def test_insufficient_scope_names_the_required_scopes() -> None:
+    assert Reason.INSUFFICIENT_SCOPE.www_authenticate("orders:read orders:write") == (
+        'Bearer realm="fastgate", error="insufficient_scope", scope="orders:read orders:write"'
+    )
+    # the scope attribute belongs to insufficient_scope only (RFC 6750 §3)
+    assert Reason.CLAIM_MISMATCH.www_authenticate("x") == (
+        'Bearer realm="fastgate", error="insufficient_scope"'
+    )
+
+
+@pytest.mark.parametrize("reason", list(REJECT_REASONS), ids=lambda r: r.name)
+def test_rfc6750_error_codes(reason: Reason) -> None:
+    expected = {
+        Reason.TOKEN_MISSING: "invalid_request",
+        Reason.TOKEN_AMBIGUOUS: "invalid_request",
+        Reason.API_KEY_MISSING: "invalid_request",
+        Reason.API_KEY_INVALID: "invalid_request",
+        Reason.INSUFFICIENT_SCOPE: "insufficient_scope",
+        Reason.CLAIM_MISMATCH: "insufficient_scope",
+        Reason.JWKS_UNAVAILABLE: "temporarily_unavailable",
+    }.get(reason, "invalid_token")
+    assert reason.error == expected
+
+
+def test_values_are_stable() -> None:
+    # the compiled verifier and metrics rely on these integers
+    assert [r.value for r in Reason] == list(range(len(Reason)))
+    assert Reason.OK.value == 0
+    assert Reason.JWKS_UNAVAILABLE.value == 18
