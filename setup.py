@@ -7,7 +7,6 @@ extensions = [
     Extension(
         "fastgate._verify",
         ["fastgate/_verify.pyx"],
-        extra_compile_args=["-O2"],
     )
 ]
 

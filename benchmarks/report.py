@@ -7,9 +7,11 @@
 Inputs (either chart is skipped, with a message, when its input is missing):
 
 * verify: ``--verify-json`` (default ``benchmarks/out/verify.json``): ``{"date": ...,
-  "rates": {alg: {case: verifications per CPU-second}}}`` or just ``{alg: {case: rate}}``
-  (what ``benchmarks/verify.py``'s ``run_speed`` returns). Without it, ``--verify-md``
-  (default ``benchmarks/RESULTS.md``): the Markdown table ``verify.py`` prints, parsed.
+  "rates": {alg: {case: verifications per CPU-second}}}``, or ``rates`` / the whole document
+  being ``{"best": {alg: {case: rate}}, "median": {...}}`` (what ``benchmarks/verify.py``'s
+  ``run_speed`` returns; ``--slice`` picks one, default median). Without it, ``--verify-md``
+  (default ``benchmarks/RESULTS.md``): the Markdown table ``verify.py`` prints after its
+  "Median slice" (or "Best slice") heading, parsed.
 * e2e: ``--e2e-json`` (default ``benchmarks/out/e2e.json``): what ``e2e.py --json`` writes
   (``results``: target, workload, rps, p50_ms, p99_ms, ...).
 
@@ -69,13 +71,18 @@ def _number(text: str) -> float:
     return float(text.replace(",", "").rstrip("x").strip())
 
 
-def parse_verify_markdown(text: str) -> dict[str, dict[str, float]]:
-    """The table verify.py prints: ``| alg | floor (cryptography) | fastgate miss | ...``."""
+def parse_verify_markdown(text: str, which: str = "median") -> dict[str, dict[str, float]]:
+    """The table verify.py prints: ``| alg | floor (cryptography) | fastgate miss | ...``.
+
+    verify.py prints a "Best slice" and a "Median slice" table: the one after the heading
+    naming ``which`` is read; a file with a single unlabelled table gives that table."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if f"{which} slice" in line.lower()), 0)
     columns: list[str] | None = None
     rates: dict[str, dict[str, float]] = {}
     names = {"floor (cryptography)": "floor", "fastgate miss": "miss", "fastgate hit": "hit",
              "pyjwt": "PyJWT", "joserfc": "joserfc", "jwcrypto": "jwcrypto"}
-    for line in text.splitlines():
+    for line in lines[start:]:
         line = line.strip()
         if not line.startswith("|"):
             if rates:
@@ -102,22 +109,28 @@ def parse_verify_markdown(text: str) -> dict[str, dict[str, float]]:
     return rates
 
 
-def load_verify(json_path: Path | None, md_path: Path | None
+def load_verify(json_path: Path | None, md_path: Path | None, which: str = "median"
                 ) -> tuple[dict[str, dict[str, float]], str | None, Path] | None:
     """(rates by alg and case, date, the file read) or None when no input exists."""
     if json_path is not None and json_path.is_file():
         doc = json.loads(json_path.read_text())
-        date = doc.get("date") if isinstance(doc, dict) else None
-        rates = doc.get("rates", doc.get("results", doc)) if isinstance(doc, dict) else None
+        if not isinstance(doc, dict):
+            raise ValueError(f"{json_path}: expected a JSON object")
+        date = doc.get("date")
+        rates: Any = doc.get("rates", doc.get("results", doc))
+        if isinstance(rates, dict) and which in rates and isinstance(rates[which], dict):
+            rates = rates[which]  # {"best": {alg: ...}, "median": {alg: ...}}
         if not isinstance(rates, dict) or not all(isinstance(v, dict) for v in rates.values()):
             raise ValueError(f"{json_path}: expected {{alg: {{case: rate}}}} under 'rates'")
         clean = {str(alg): {str(k): float(v) for k, v in row.items()
                             if isinstance(v, int | float)}
-                 for alg, row in rates.items()}
+                 for alg, row in rates.items() if isinstance(row, dict)
+                 and any(isinstance(v, int | float) for v in row.values())}
         return clean, date or _mtime_date(json_path), json_path
     if md_path is not None and md_path.is_file():
         text = md_path.read_text()
-        return parse_verify_markdown(text), _date_in(text) or _mtime_date(md_path), md_path
+        return (parse_verify_markdown(text, which), _date_in(text) or _mtime_date(md_path),
+                md_path)
     return None
 
 
@@ -160,6 +173,8 @@ def _pyplot() -> Any:
 
 
 def _fmt(value: float) -> str:
+    if value >= 1_000_000:
+        return f"{value / 1e6:.1f}M"
     if value >= 10_000:
         return f"{value / 1000:.0f}k"
     if value >= 1000:
@@ -167,7 +182,8 @@ def _fmt(value: float) -> str:
     return f"{value:.0f}"
 
 
-def verify_chart(rates: Mapping[str, Mapping[str, float]], date: str | None, out: Path) -> Path:
+def verify_chart(rates: Mapping[str, Mapping[str, float]], date: str | None, out: Path,
+                 which: str = "median") -> Path:
     plt = _pyplot()
     algs = list(rates)
     cases = [(k, label) for k, label in VERIFY_CASES if any(k in rates[a] for a in algs)]
@@ -214,7 +230,7 @@ def verify_chart(rates: Mapping[str, Mapping[str, float]], date: str | None, out
     ax2.set_title("Speed-up over PyJWT")
     ax2.legend(fontsize=8, ncol=2, loc="upper center")
     fig.suptitle(f"fastgate verifier micro-benchmark - {date or 'undated'} "
-                 "(benchmarks/verify.py; median slice per case)", fontsize=10)
+                 f"(benchmarks/verify.py; {which} slice per case)", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
@@ -285,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--verify-json", type=Path, default=OUT / "verify.json")
     p.add_argument("--verify-md", type=Path, default=HERE / "RESULTS.md",
                    help="fallback: a Markdown file holding verify.py's table")
+    p.add_argument("--slice", choices=("median", "best"), default="median",
+                   help="which verify.py figure to chart (default: median slice)")
     p.add_argument("--e2e-json", type=Path, default=OUT / "e2e.json")
     p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "img")
     p.add_argument("--date", help="label the charts with this date (default: from the input "
@@ -292,13 +310,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     written = 0
-    verify = load_verify(args.verify_json, args.verify_md)
+    verify = load_verify(args.verify_json, args.verify_md, args.slice)
     if verify is None:
         print(f"report: no verify results ({args.verify_json} or {args.verify_md}); "
               "skipping verify.png", file=sys.stderr)
     else:
         rates, date, source = verify
-        out = verify_chart(rates, args.date or date, args.out_dir / "verify.png")
+        out = verify_chart(rates, args.date or date, args.out_dir / "verify.png", args.slice)
         print(f"report: {out} (from {source})")
         written += 1
     e2e = load_e2e(args.e2e_json)

@@ -3,10 +3,17 @@ raw `cryptography` verify of the same signature (the OpenSSL floor), plus the RS
 verified-token cache.
 
     python benchmarks/verify.py [--seconds N] [--slices S] [--algs RS256,ES256] [--no-memory]
+                                [--json benchmarks/out/verify.json]
 
 Not a test. Every case runs for N CPU seconds in S short slices interleaved with the other cases
 of the same algorithm; the median slice is reported (the machine is shared and noisy). Rates
-are per CPU-second of the benchmark thread. Prints a markdown table for benchmarks/RESULTS.md.
+are per CPU-second of the benchmark thread. Prints a markdown table for benchmarks/RESULTS.md;
+``--json FILE`` also writes ``{"date", "args", "rates": {"best": {alg: {case: rate}},
+"median": {...}}, "memory"}``, the document benchmarks/report.py reads.
+
+W3 (bad signatures, 401): ``bad_fresh`` verifies a bad signature never seen before (the
+signature check runs every time); ``bad_replay`` replays the same 1,000 bad tokens, which the
+negative cache answers after the first rejection.
 """
 
 from __future__ import annotations
@@ -34,10 +41,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature  # noqa: E402
 from joserfc import jwk as jose_jwk  # noqa: E402
 from joserfc import jwt as jose_jwt  # noqa: E402
-from jwcrypto import jwk as jwc_jwk  # noqa: E402
+from jwcrypto import jwk as jwc_jwk  # type: ignore[import-untyped]  # noqa: E402
 from jwcrypto import jwt as jwc_jwt  # noqa: E402
 
-from fastgate import Verifier  # noqa: E402
+from fastgate import Reason, TokenCache, Verifier  # noqa: E402
 from tests.factory import AUDIENCE, ISSUER, SigningKey, b64u, generate, make_token  # noqa: E402
 
 ALGS = ("RS256", "PS256", "ES256", "EdDSA", "HS256")
@@ -165,7 +172,7 @@ def competitors(key: SigningKey) -> dict[str, Callable[[Any], object]]:
         return pyjwt.decode(tok, pyjwt_key, algorithms=[alg], audience=AUDIENCE, issuer=ISSUER,
                             leeway=60, options=opts)  # type: ignore[arg-type]
 
-    jose_key = jose_jwk.import_key(jwk_dict)
+    jose_key = jose_jwk.import_key(jwk_dict)  # type: ignore[arg-type]
     registry = jose_jwt.JWTClaimsRegistry(iss={"essential": True, "value": ISSUER},
                                           aud={"essential": True, "value": AUDIENCE},
                                           exp={"essential": True}, leeway=60)
@@ -185,17 +192,29 @@ def competitors(key: SigningKey) -> dict[str, Callable[[Any], object]]:
     return {"PyJWT": pyjwt_decode, "joserfc": joserfc_decode, "jwcrypto": jwcrypto_decode}
 
 
-def fastgate_verifier(key: SigningKey, cache_size: int) -> Verifier:
+def fastgate_verifier(key: SigningKey, cache_size: int,
+                      cache: TokenCache | None = None) -> Verifier:
     if key.alg == "HS256":
-        return Verifier(ISSUER, [AUDIENCE], secret=key.private, cache_size=cache_size)
+        return Verifier(ISSUER, [AUDIENCE], secret=key.private, cache_size=cache_size,
+                        cache=cache)
     return Verifier(ISSUER, [AUDIENCE], jwks={"keys": [key.public_jwk]},
-                    algorithms=[key.alg], cache_size=cache_size)
+                    algorithms=[key.alg], cache_size=cache_size, cache=cache)
 
 
-def run_speed(algs: list[str], seconds: float, slices: int) -> dict[str, dict[str, float]]:
+def bad_signatures(tokens: list[bytes]) -> list[bytes]:
+    """Each token with the next token's signature: the right length for the key (so the
+    signature math runs), wrong for this signing input."""
+    sigs = [t.rpartition(b".")[2] for t in tokens]
+    return [t.rpartition(b".")[0] + b"." + sigs[(i + 1) % len(sigs)]
+            for i, t in enumerate(tokens)]
+
+
+def run_speed(algs: list[str], seconds: float,
+              slices: int) -> dict[str, dict[str, dict[str, float]]]:
     now = time.time()
     cases: list[Case] = []
     checks: list[tuple[str, Verifier, Verifier, int]] = []
+    w3_checks: list[tuple[str, Verifier, Verifier, int]] = []
     for alg in algs:
         key = generate(alg)
         print(f"minting {MISS_TOKENS} {alg} tokens ...", file=sys.stderr, flush=True)
@@ -215,13 +234,26 @@ def run_speed(algs: list[str], seconds: float, slices: int) -> dict[str, dict[st
         cases.append(Case(alg, "miss", miss.verify, btokens))
         cases.append(Case(alg, "hit", hit.verify, hit_tokens))
         checks.append((alg, miss, hit, len(hit_tokens)))
+        # W3: bad signatures. Fresh: 5,000 distinct bad tokens cycled through a negative map
+        # that holds at most 1,000 (cleared when full), so no token is ever still there when it
+        # comes round again. Replayed: 1,000 bad tokens, answered by the negative cache.
+        bad = bad_signatures(btokens)
+        fresh = fastgate_verifier(key, 0, TokenCache(MISS_CACHE, negative_entries=MISS_CACHE))
+        replay = fastgate_verifier(key, 100_000)
+        bad_replay = bad[:HIT_TOKENS]
+        for t in bad_replay:
+            assert replay.verify(t).reason is Reason.SIGNATURE_INVALID
+        assert fresh.verify(bad[0]).reason is Reason.SIGNATURE_INVALID
+        cases.append(Case(alg, "bad_fresh", fresh.verify, bad[1:]))
+        cases.append(Case(alg, "bad_replay", replay.verify, bad_replay))
+        w3_checks.append((alg, fresh, replay, len(bad_replay)))
         for name, fn in competitors(key).items():
             fn(tokens[0])  # fails loudly if a library rejects a valid token
             cases.append(Case(alg, name, fn, tokens[:HIT_TOKENS]))
     # Fine interleaving: each case runs in short slices, round-robin with the other cases of
-    # its algorithm, and the median slice counts. Noise from other processes comes in bursts,
-    # so neighbouring slices of the cases being compared see the same machine, and the median
-    # ignores both the disturbed slices and the lucky ones.
+    # its algorithm. Noise from other processes comes in bursts, so neighbouring slices of the
+    # cases being compared see the same machine. Reported: the best slice (the quiet machine,
+    # as timeit's min) and the median slice (the typical shared machine).
     rates: dict[str, dict[str, list[float]]] = {alg: {} for alg in algs}
     slice_seconds = seconds / slices
     for alg in algs:
@@ -234,8 +266,15 @@ def run_speed(algs: list[str], seconds: float, slices: int) -> dict[str, dict[st
         # the two fastgate cases measured what they claim to
         assert miss.cache.hits == 0, (alg, miss.cache)  # warm-up only used the 2nd verifier
         assert hit.cache.misses == warm, (alg, hit.cache)
-    return {alg: {name: statistics.median(values) for name, values in by_name.items()}
-            for alg, by_name in rates.items()}
+    for alg, fresh, replay, warm in w3_checks:
+        assert fresh.cache.negative_hits == 0, (alg, fresh.cache)
+        assert replay.cache.misses == warm and replay.cache.negative_hits > 0, (alg, replay.cache)
+    return {
+        "best": {alg: {name: max(values) for name, values in by_name.items()}
+                 for alg, by_name in rates.items()},
+        "median": {alg: {name: statistics.median(values) for name, values in by_name.items()}
+                   for alg, by_name in rates.items()},
+    }
 
 
 def statm_rss() -> int:
@@ -288,7 +327,7 @@ def run_memory() -> dict[str, float]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
-def table(best: dict[str, dict[str, float]], memory: dict[str, float] | None) -> str:
+def table(best: dict[str, dict[str, float]]) -> str:
     ref = best.get("RS256", {}).get("PyJWT")
     lines = [
         "| alg | floor (cryptography) | fastgate miss | fastgate hit | PyJWT | joserfc | "
@@ -302,13 +341,36 @@ def table(best: dict[str, dict[str, float]], memory: dict[str, float] | None) ->
             f"{row['PyJWT']:,.0f} | {row['joserfc']:,.0f} | {row['jwcrypto']:,.0f} | "
             f"{row['miss'] / row['floor']:.2f} | {row['miss'] / row['PyJWT']:.1f}x | {hit_ratio} |"
         )
-    if memory:
-        mib = memory["delta"] / 2**20
-        lines.append("")
-        lines.append(f"RSS delta of {MEMORY_TOKENS:,} cached RS256 tokens "
-                     f"(avg {memory['avg_token_bytes']:.0f} bytes, 8 claims): **{mib:.1f} MiB** "
-                     f"({memory['delta'] / MEMORY_TOKENS:,.0f} bytes per entry)")
     return "\n".join(lines)
+
+
+def w3_table(rates: dict[str, dict[str, float]]) -> str:
+    lines = [
+        "| alg | fastgate bad signature, fresh | fastgate bad signature, replayed "
+        "(negative cache) | replayed/fresh |",
+        "|---|---:|---:|---:|",
+    ]
+    for alg, row in rates.items():
+        if "bad_fresh" in row and "bad_replay" in row:
+            lines.append(f"| {alg} | {row['bad_fresh']:,.0f} | {row['bad_replay']:,.0f} | "
+                         f"{row['bad_replay'] / row['bad_fresh']:.0f}x |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, args: argparse.Namespace,
+               results: dict[str, dict[str, dict[str, float]]],
+               memory: dict[str, float] | None) -> None:
+    """The document benchmarks/report.py reads (``load_verify``): rates by slice, alg, case."""
+    doc = {
+        "date": time.strftime("%Y-%m-%d"),
+        "args": {k: v for k, v in vars(args).items() if k not in ("json", "memory_child")},
+        "rates": results,
+        "memory": None if memory is None else {**memory, "tokens": MEMORY_TOKENS},
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def main() -> None:
@@ -319,16 +381,33 @@ def main() -> None:
                         help="interleaved slices per case; the median slice is reported")
     parser.add_argument("--algs", default=",".join(ALGS))
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--json", type=Path, metavar="FILE",
+                        help="also write the results as JSON (for benchmarks/report.py)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child)
         return
-    best = run_speed(args.algs.split(","), args.seconds, args.slices)
+    results = run_speed(args.algs.split(","), args.seconds, args.slices)
     memory = None if args.no_memory else run_memory()
     print(f"`python benchmarks/verify.py --seconds {args.seconds:g} --slices {args.slices}` "
           f"(Python {sys.version.split()[0]}, {os.cpu_count()} CPUs)\n")
-    print(table(best, memory))
+    print("Best slice (ops per CPU-second; quiet machine):\n")
+    print(table(results["best"]))
+    print("\nMedian slice (ops per CPU-second; typical shared machine):\n")
+    print(table(results["median"]))
+    print("\nW3, bad signatures (ops per CPU-second; best, then median):\n")
+    print(w3_table(results["best"]))
+    print()
+    print(w3_table(results["median"]))
+    if memory:
+        mib = memory["delta"] / 2**20
+        print(f"\nRSS delta of {MEMORY_TOKENS:,} cached RS256 tokens "
+              f"(avg {memory['avg_token_bytes']:.0f} bytes, 8 claims): **{mib:.1f} MiB** "
+              f"({memory['delta'] / MEMORY_TOKENS:,.0f} bytes per entry)")
+    if args.json:
+        write_json(args.json, args, results, memory)
+        print(f"\nwrote {args.json}", file=sys.stderr)
 
 
 if __name__ == "__main__":

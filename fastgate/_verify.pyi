@@ -5,7 +5,7 @@ verification, claim checks and the verified-token cache. Nothing in here raises 
 token; every outcome is a :class:`fastgate.reasons.Reason`.
 
 Check order (first failure wins): size -> segments / base64url -> header JSON -> payload JSON
--> alg (allow-list, "none") -> issuer -> keys ever loaded (jwks_unavailable) -> kid -> key
+-> alg (allow-list, "none") -> issuer -> usable keys now (else jwks_unavailable) -> kid -> key
 lookup -> alg/key binding -> signature -> claims (exp/nbf/iat with skew, aud, required,
 lifetime). A forged and expired token is signature_invalid; a validly signed expired one is
 token_expired.
@@ -34,6 +34,8 @@ MAX_CACHED_TOKEN_BYTES: int
 """Tokens longer than this are verified every time and never cached (Envoy's limit)."""
 MAX_JSON_DEPTH: int
 """Deepest nesting of objects/arrays accepted in a header or payload (deeper: malformed)."""
+NEGATIVE_CACHE_ENTRIES: int
+"""Default bound of a TokenCache's negative (signature_invalid) map."""
 
 class Result:
     """The outcome of one verification. ``claims`` is set only when ``ok``.
@@ -51,15 +53,17 @@ class Result:
     def claims(self) -> dict[str, Any] | None: ...
     @property
     def header(self) -> dict[str, Any] | None:
-        """The parsed JOSE header, when parsing got that far (unverified unless ok)."""
+        """The parsed JOSE header, when parsing got that far (unverified unless ok). For a
+        reject from the negative cache it is decoded from the token on first access."""
     @property
     def payload(self) -> dict[str, Any] | None:
-        """The parsed payload, when parsing got that far (unverified unless ok)."""
+        """The parsed payload, when parsing got that far (unverified unless ok). For a
+        reject from the negative cache it is decoded from the token on first access."""
     @property
     def detail(self) -> str:
         """A short fixed description of the check that decided (for logs and `fastgate verify`),
         e.g. "segment count", "base64url", "duplicate member", "alg none", "kid unknown",
-        "signature", "exp", "cache hit", "ok". Never contains token bytes."""
+        "signature", "exp", "cache hit", "cached reject", "ok". Never contains token bytes."""
     @property
     def kid(self) -> str | None:
         """The header ``kid`` when it is an acceptable string (set for key_not_found)."""
@@ -73,7 +77,8 @@ class Result:
         """The verifier (provider) that decided, when an issuer was selected."""
     @property
     def cached(self) -> bool:
-        """True when the decision came from the verified-token cache."""
+        """True when the decision came from the verified-token cache (ok, detail "cache hit")
+        or from the negative cache (signature_invalid, detail "cached reject")."""
 
 class KeyReport:
     """What :meth:`Verifier.set_jwks` did with a JWKS document."""
@@ -94,17 +99,36 @@ class TokenCache:
     verifier's key set, that the verifier is the one this Verifier / IssuerSet would pick, and
     the audiences in force; a failed re-check evicts the entry and verifies afresh.
     ``max_entries=0`` disables caching.
+
+    A separate negative map remembers signature_invalid tokens (up to MAX_CACHED_TOKEN_BYTES)
+    with the verifier and its key generation; it is consulted after a verified-token miss,
+    before any decoding. A hit answers signature_invalid (detail "cached reject",
+    ``cached=True``) only while this Verifier / IssuerSet would pick that verifier and its key
+    set is unchanged (any set_jwks that changes the keys or their order invalidates it).
+    It never shares the LRU: a flood of distinct bad tokens cannot evict verified entries.
+    ``negative_entries`` bounds it (default NEGATIVE_CACHE_ENTRIES, 0 when ``max_entries`` is
+    0); when full it is cleared at once. ``len()`` counts verified entries only.
     """
 
-    def __init__(self, max_entries: int = 100_000) -> None: ...
+    def __init__(self, max_entries: int = 100_000, *,
+                 negative_entries: int | None = None) -> None: ...
     def __len__(self) -> int: ...
-    def clear(self) -> None: ...
+    def clear(self) -> None:
+        """Empty both the verified-token LRU and the negative map."""
     @property
     def max_entries(self) -> int: ...
     @property
     def hits(self) -> int: ...
     @property
-    def misses(self) -> int: ...
+    def misses(self) -> int:
+        """Lookups that went on to a full verification (negative hits are not misses)."""
+    @property
+    def negative_entries(self) -> int:
+        """The bound of the negative map (0: disabled)."""
+    @property
+    def negative_size(self) -> int: ...
+    @property
+    def negative_hits(self) -> int: ...
 
 class Verifier:
     """Verifies JWTs of one issuer (one provider)."""
@@ -139,8 +163,11 @@ class Verifier:
     def set_jwks(self, jwks: Mapping[str, Any]) -> KeyReport:
         """Replace the key set. Raises ValueError if the document is not a JWKS (not an object
         with a ``keys`` array) or this verifier uses a secret; individual unusable keys are
-        skipped and reported (oct keys, use enc, RSA < 2048 or > 8192 bits, bad points, ...).
-        A kid that appears on two usable keys is ambiguous: both are dropped.
+        skipped and reported (oct keys, use enc, RSA < 2048 or > 8192 bits, an RSA modulus
+        with the ROCA fingerprint (CVE-2017-15361), bad points, ...). A kid that appears twice
+        in the document is ambiguous: every entry with it is dropped ("duplicate kid"), even
+        when one copy is itself unusable (kids are counted before keys are validated).
+        A document with no usable key is accepted and empties the key set.
         Keys whose material and binding are unchanged keep their prepared object (cached
         tokens stay warm); cached tokens of removed or changed keys stop hitting at once."""
     def has_kid(self, kid: str) -> bool: ...
@@ -154,8 +181,9 @@ class Verifier:
     def algorithms(self) -> frozenset[str]: ...
     @property
     def has_keys(self) -> bool:
-        """False until a key set with at least one usable key (or a secret) was loaded; stays
-        True afterwards (an emptied key set then gives key_not_found, not jwks_unavailable)."""
+        """Usable keys now (or a secret). While False (never loaded, or emptied by set_jwks,
+        e.g. a key source dropping its keys past max_stale) every token that reaches the key
+        lookup gets jwks_unavailable (503), not key_not_found."""
     @property
     def key_count(self) -> int: ...
     @property
@@ -185,7 +213,10 @@ def verify_jws(
     algorithms: Iterable[str] | None = None,
 ) -> Reason:
     """Format, alg/key binding and signature only (for test vectors whose payload is not a
-    claim set). ``oct`` keys are accepted here because the caller hands the key in directly
-    (one shorter than the hash is unusable). A single JWK without ``kid`` is used whatever the
-    token's kid; in a JWKS the kid must match. Never raises for a bad token; ValueError for a
-    ``jwk_or_jwks`` that is not a JSON object or a bad ``algorithms``."""
+    claim set). The payload is arbitrary octets, so an empty payload segment (``H..S``) is a
+    valid JWS here (RFC 7515 §7.1); the JWT path refuses it. ``oct`` keys are accepted here
+    because the caller hands the key in directly (one shorter than the hash is unusable), but
+    a JWKS that mixes ``oct`` and asymmetric keys is refused as a whole (key_not_found for
+    every token). A single JWK without ``kid`` is used whatever the token's kid; in a JWKS the
+    kid must match. Never raises for a bad token; ValueError for a ``jwk_or_jwks`` that is not
+    a JSON object or a bad ``algorithms``."""

@@ -104,7 +104,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("--duration must be > 0 seconds", file=sys.stderr)
         return 2
     return demo.main(port=args.port, duration=args.duration, as_json=args.json,
-                     workdir=args.dir)
+                     workdir=args.dir, admin_port=args.admin_port)
 
 
 def _parse_now(text: str) -> float:
@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="dev issuer + echo upstream + gateway on loopback, with curl commands")
     demo.add_argument("--port", type=int, default=8080,
                       help="gateway port (default 8080; a free port if busy; 0 = any free port)")
+    demo.add_argument("--admin-port", type=int, default=None,
+                      help="metrics/readiness port (default 9901, a free one if busy; "
+                           "with --port 0: any free port)")
     demo.add_argument("--duration", type=float, default=None,
                       help="stop by itself after this many seconds (default: until Ctrl-C)")
     demo.add_argument("--json", action="store_true",

@@ -56,9 +56,8 @@ verifier's ``set_jwks`` invalidates verified-token cache entries of removed keys
 returns the same ``keys`` as the key set in use does not call ``set_jwks`` (no cache churn).
 
 Readiness: ``source.ready`` is "usable keys loaded now" (``verifier.key_count > 0``), which
-/readyz uses. The verifier answers ``jwks_unavailable`` only while it has never had keys; after
-a max_stale drop it answers ``key_not_found``, so the data plane treats ``key_not_found`` from
-a provider whose source is not ready as ``jwks_unavailable``.
+/readyz uses. The verifier answers ``jwks_unavailable`` (503) whenever its key set is empty:
+before the first successful fetch and after a max_stale drop alike.
 
 Workers (``workers > 1``): every worker process builds and runs its own key sources; nothing
 is shared between processes. The cost: up to N times the IdP traffic of one worker (N
@@ -267,8 +266,7 @@ class _Base:
 
     @property
     def ready(self) -> bool:
-        """Usable keys are loaded now. (``Verifier.has_keys`` means "ever had keys" and stays
-        True after a max_stale drop; the current key count is what readiness needs.)"""
+        """Usable keys are loaded now (the verifier answers jwks_unavailable otherwise)."""
         return self.verifier.key_count > 0
 
     @property

@@ -545,9 +545,12 @@ class DataPlane:
             # One single-flight, rate-limited refetch of the provider's JWKS.
             kid = result.kid
             retry = bool(kid) and await source.refresh_for_kid(kid or "")
-        else:
-            # Cold start: wait briefly for the provider's first keys.
+        elif source.state.last_success is None:
+            # Cold start: wait briefly for the provider's first keys. After a max_stale drop
+            # the IdP is known to be failing, so the 503 goes out at once instead.
             retry = await source.wait_ready(COLD_START_WAIT)
+        else:
+            retry = False
         if retry:
             assert rt.issuer_set is not None
             result = rt.issuer_set.verify(token)

@@ -811,11 +811,35 @@ def _reserve(address: Address) -> tuple[socket.socket, Address]:
     return sock, Address(address.host, int(sock.getsockname()[1]))
 
 
+_DIR_PREFIX: Final = "fastgate-metrics-"
+
+
 def _private_dir() -> str:
-    """A fresh 0700 directory for the metric files, on tmpfs when there is one."""
+    """A fresh 0700 directory for the metric files, on tmpfs when there is one.
+
+    Its name carries the master's pid: a master that was SIGKILLed cannot remove its
+    directory, so the next one removes the directories of masters that no longer exist.
+    """
     shm = "/dev/shm"
-    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="fastgate-metrics-", dir=base)
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else tempfile.gettempdir()
+    _remove_stale_dirs(Path(base))
+    return tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-", dir=base)
+
+
+def _remove_stale_dirs(base: Path) -> None:
+    uid = os.getuid()
+    with contextlib.suppress(OSError):
+        for entry in base.glob(f"{_DIR_PREFIX}*-*"):
+            pid_text = entry.name[len(_DIR_PREFIX):].split("-", 1)[0]
+            with contextlib.suppress(OSError, ValueError):
+                if not pid_text.isdigit() or entry.stat().st_uid != uid or not entry.is_dir():
+                    continue
+                try:
+                    os.kill(int(pid_text), 0)
+                except ProcessLookupError:
+                    shutil.rmtree(entry, ignore_errors=True)
+                except PermissionError:
+                    pass  # alive (someone else's)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # 1xx responses llhttp parses as bodiless interim messages (RFC 9110 §15.2). 101 is an upgrade
 # (refused: the data plane never forwards Upgrade); other 1xx codes are unassigned.
 _INTERIM_OK: Final = frozenset({100, 102, 103})
+# Connection options that name no end-to-end field (already dropped, or not a field at all).
+_NOT_FIELD_NAMES: Final = _HOP_BY_HOP | {"close", ""}
 
 # Connection phases.
 _IDLE: Final = 0  # no exchange (in the pool, or acquired and not yet written)
@@ -336,8 +338,8 @@ class _Conn(asyncio.Protocol):
                 length = raw_value
             headers.append((name, raw_value.decode("utf-8", "surrogateescape")))
         if conn_tokens:
-            drop = frozenset(conn_tokens) - _HOP_BY_HOP  # usually just "keep-alive"/"close"
-            if drop - {""}:
+            drop = frozenset(conn_tokens) - _NOT_FIELD_NAMES  # usually nothing is left
+            if drop:
                 headers = [h for h in headers if h[0].lower() not in drop]
         resp.headers = headers
         if length is not None and not chunked:

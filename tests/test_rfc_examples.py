@@ -329,9 +329,10 @@ def test_appendix_e_crit_on_a_valid_mac_rejected() -> None:
 
 def test_appendix_f_detached_content_rejected() -> None:
     """RFC 7515 App. F: A.1 with its payload detached ("H..S"). fastgate never supplies
-    detached content, so the token is malformed (catalog A15), at both layers."""
+    detached content. At the JWS layer an empty payload is legal (RFC 7515 §7.1), so the MAC
+    is checked over "H." and fails; at the JWT layer it is malformed (catalog A15)."""
     detached = f"{A1_HEADER}..{A1_SIG}"
-    assert verify_jws(detached, A1_KEY) is Reason.TOKEN_MALFORMED
+    assert verify_jws(detached, A1_KEY) is Reason.SIGNATURE_INVALID
     v = _joe_verifier(secret=_b64d(A1_KEY["k"]), algorithms=["HS256"])
     assert v.verify(detached, now=BEFORE_EXP).reason is Reason.TOKEN_MALFORMED
 

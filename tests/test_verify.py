@@ -102,11 +102,14 @@ def hs_token(mac_key: bytes, header: dict[str, Any], claims: dict[str, Any] | No
     return f"{signing_input}.{b64u(hmac.new(mac_key, signing_input.encode(), digest).digest())}"
 
 
-def raw_sig(token: str) -> bytes:
+def raw_b64u(s: str) -> bytes:
     import base64
 
-    s = token.rsplit(".", 1)[1]
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def raw_sig(token: str) -> bytes:
+    return raw_b64u(token.rsplit(".", 1)[1])
 
 
 # ----------------------------------------------------------------- one case per Reason
@@ -211,10 +214,23 @@ def test_reason_jwks_unavailable() -> None:
     v.set_jwks(jwks_of(RS))
     assert v.has_keys
     check(v, make_token(RS), R.OK)
-    # once keys were loaded, an empty set means "no such key", not "unavailable"
-    v.set_jwks({"keys": []})
-    assert v.has_keys and v.key_count == 0
+    # has_keys is "usable keys now": a key set emptied later (a key source dropped its keys
+    # past max_stale) is jwks_unavailable (503, SPEC §4), not the client's key_not_found
+    report = v.set_jwks({"keys": []})  # still allowed: it empties the set
+    assert report.loaded == 0 and not v.has_keys and v.key_count == 0
+    r = check(v, make_token(RS), R.JWKS_UNAVAILABLE, detail="no keys loaded")
+    assert r.verifier is v
+    check(v, make_token(RS, kid=None), R.JWKS_UNAVAILABLE)
+    # a set of only unusable keys empties it too
+    v.set_jwks(jwks_of(RS))
+    v.set_jwks({"keys": [{"kty": "RSA", "n": "AQAB", "e": "AQAB", "kid": "x"}]})
+    assert not v.has_keys
+    check(v, make_token(RS), R.JWKS_UNAVAILABLE)
+    # and keys coming back make it answer normally again
+    v.set_jwks(jwks_of(ES))
+    assert v.has_keys
     check(v, make_token(RS), R.KEY_NOT_FOUND)
+    check(v, make_token(ES), R.OK)
 
 
 def test_check_order_signature_before_claims() -> None:
@@ -1194,6 +1210,13 @@ def test_issuer_set_rejects_duplicate_issuers() -> None:
 def test_issuer_set_jwks_unavailable() -> None:
     routes = IssuerSet([Verifier(ISSUER)], TokenCache(1))
     check(routes, make_token(RS), R.JWKS_UNAVAILABLE)
+    # a provider whose keys were dropped is unavailable on every route that uses it
+    v = verifier(RS)
+    routes = IssuerSet([v], TokenCache(10))
+    token = make_token(RS)
+    check(routes, token, R.OK)
+    v.set_jwks({"keys": []})
+    check(routes, token, R.JWKS_UNAVAILABLE)  # the cached entry's key is dead: no stale hit
 
 
 # ----------------------------------------------------------------------- token cache
@@ -1329,6 +1352,20 @@ def test_cache_kidless_rechecks_candidates() -> None:
     check(v, token, R.SIGNATURE_INVALID)
 
 
+def test_cache_entry_ignores_edits_to_returned_claims() -> None:
+    cache = TokenCache(10)
+    a = verifier(RS, cache=cache)
+    payments = IssuerSet([a], cache, audiences=["api://payments"])
+    token = make_token(RS, default_claims(aud=[AUDIENCE, "api://x"], exp=int(NOW) + 600))
+    claims = check(a, token, R.OK).claims
+    assert claims is not None
+    claims["aud"].append("api://payments")  # a careless consumer
+    claims["exp"] = 10**12
+    check(payments, token, R.AUDIENCE_MISMATCH)
+    check(a, token, R.OK)
+    check(a, token, R.TOKEN_EXPIRED, now=NOW + 600 + SKEW)
+
+
 def test_cache_only_ok_results() -> None:
     v = verifier(RS)
     bad = make_token(RS, default_claims(exp=1))
@@ -1371,9 +1408,192 @@ def test_token_cache_validation() -> None:
         TokenCache(-1)
     assert TokenCache().max_entries == 100_000
     assert TokenCache(0).max_entries == 0
+    assert TokenCache().negative_entries == _verify.NEGATIVE_CACHE_ENTRIES == 4096
+    assert TokenCache(0).negative_entries == 0  # "cache_size=0 disables caching": both
+    assert TokenCache(0, negative_entries=8).negative_entries == 8
+    bad_bounds: list[Any] = [-1, True, 1.5]
+    for bad in bad_bounds:
+        with pytest.raises(ValueError):
+            TokenCache(10, negative_entries=bad)
+
+
+# ----------------------------------------------------------- negative cache (W3 replays)
+
+def test_negative_cache_replay_then_key_change() -> None:
+    a = generate("ES256", kid="k")
+    b = generate("ES256", kid="k")  # same kid, other material
+    v = verifier(a)
+    token = make_token(b)
+    first = check(v, token, R.SIGNATURE_INVALID, detail="signature")
+    second = check(v, token, R.SIGNATURE_INVALID, detail="cached reject")
+    assert not first.cached and second.cached
+    # the same Result shape as the full reject (header/payload decoded only when asked)
+    for name in ("kid", "alg", "issuer", "verifier", "header", "payload", "claims"):
+        assert getattr(second, name) == getattr(first, name), name
+    assert second.verifier is v and second.claims is None
+    cache = v.cache
+    assert (cache.negative_hits, cache.negative_size, len(cache)) == (1, 1, 0)
+    assert (cache.hits, cache.misses) == (0, 1)  # the replay did not verify again
+    v.set_jwks(jwks_of(a))  # a routine refresh with the very same keys keeps it
+    check(v, token, R.SIGNATURE_INVALID, detail="cached reject")
+    # a key change that makes the token valid is never answered from the negative cache
+    v.set_jwks(jwks_of(b))
+    ok = check(v, token, R.OK)
+    assert not ok.cached and cache.negative_size == 0  # the stale entry was dropped
+    assert check(v, token, R.OK).cached
+    v.set_jwks(jwks_of(a))
+    check(v, token, R.SIGNATURE_INVALID, detail="signature")
+
+
+def test_negative_cache_kidless_order_change_is_a_key_change() -> None:
+    k0, k1, k2 = (generate("ES256", kid=f"k{i}") for i in range(3))
+    v = verifier(k0, k2, k1)  # a kid-less token tries the first two keys only (C7)
+    token = make_token(k1, kid=None)
+    check(v, token, R.SIGNATURE_INVALID, detail="signature")
+    check(v, token, R.SIGNATURE_INVALID, detail="cached reject")
+    v.set_jwks(jwks_of(k1, k0, k2))  # same keys, other order: k1 is now tried
+    check(v, token, R.OK)
+
+
+def test_negative_cache_is_per_verifier_and_route() -> None:
+    a = generate("ES256", kid="k")
+    b = generate("ES256", kid="k")
+    cache = TokenCache(100)
+    v_a = Verifier(ISSUER, [AUDIENCE], jwks=jwks_of(a), cache=cache)
+    v_b = Verifier(ISSUER, [AUDIENCE], jwks=jwks_of(b), cache=cache, name="other")
+    route_a, route_b = IssuerSet([v_a], cache), IssuerSet([v_b], cache)
+    token = make_token(b)
+    check(route_a, token, R.SIGNATURE_INVALID, detail="signature")
+    assert check(route_a, token, R.SIGNATURE_INVALID, detail="cached reject").verifier is v_a
+    assert check(v_a, token, R.SIGNATURE_INVALID).cached  # the same verifier, directly
+    check(route_b, token, R.OK)  # another provider for the issuer: verified, not a stale reject
+    check(v_b, token, R.OK)
+    other = Verifier("https://other.example.test/", jwks=jwks_of(a), cache=cache)
+    check(IssuerSet([other], cache), token, R.ISSUER_UNKNOWN)
+    # other checks still come first: a replayed bad token over the route's size limit
+    small = IssuerSet([Verifier(ISSUER, jwks=jwks_of(a), cache=cache, max_token_bytes=64)],
+                      cache)
+    check(small, token, R.TOKEN_TOO_LARGE)
+
+
+def test_negative_cache_bounded_and_never_evicts_valid_entries() -> None:
+    cache = TokenCache(100, negative_entries=8)
+    v = Verifier(ISSUER, [AUDIENCE], secret=HS.private, cache=cache)
+    good = [hs_token(HS.private, {"alg": "HS256"}, default_claims(jti=str(i))) for i in range(5)]
+    for t in good:
+        check(v, t, R.OK)
+    si = good[0].rsplit(".", 1)[0]
+    for i in range(50):
+        check(v, f"{si}.{b64u(i.to_bytes(32, 'big'))}", R.SIGNATURE_INVALID)
+        assert cache.negative_size <= 8
+    assert len(cache) == 5
+    assert all(check(v, t, R.OK).cached for t in good)
+    # tokens longer than MAX_CACHED_TOKEN_BYTES are never stored
+    cache.clear()
+    big = hs_token(HS.private, {"alg": "HS256"}, default_claims(pad="x" * 4200))
+    big_bad = big.rsplit(".", 1)[0] + "." + b64u(bytes(32))
+    assert len(big_bad) > _verify.MAX_CACHED_TOKEN_BYTES
+    check(v, big_bad, R.SIGNATURE_INVALID, detail="signature")
+    check(v, big_bad, R.SIGNATURE_INVALID, detail="signature")
+    assert cache.negative_size == 0
+    # only signature_invalid is remembered
+    check(v, make_token(HS, default_claims(exp=int(NOW) - 3600)), R.TOKEN_EXPIRED)
+    check(v, "a.b.c", R.TOKEN_MALFORMED)
+    assert cache.negative_size == 0
+    # disabled with the cache
+    off = Verifier(ISSUER, [AUDIENCE], secret=HS.private, cache_size=0)
+    bad = f"{si}.{b64u(bytes(32))}"
+    check(off, bad, R.SIGNATURE_INVALID)
+    assert not check(off, bad, R.SIGNATURE_INVALID).cached
+
+
+def test_negative_cache_memory_is_bounded() -> None:
+    # A flood of distinct bad tokens (3x the default bound): the map is cleared when full, and
+    # a reject keeps no parsed JSON, so memory stays near bound * token size.
+    v = Verifier(ISSUER, [AUDIENCE], secret=HS.private)
+    bound = v.cache.negative_entries
+    si = make_token(HS).rsplit(".", 1)[0]
+    tokens = [f"{si}.{b64u(i.to_bytes(32, 'big'))}".encode() for i in range(3 * bound)]
+    per_token = len(tokens[0])
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for t in tokens:
+            assert v.verify(t, now=NOW).reason is R.SIGNATURE_INVALID
+            assert v.cache.negative_size <= bound
+        grown = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    # the tokens list is allocated outside the traced window; only the cache grows here
+    assert grown < bound * (per_token + 300), grown
+    assert len(v.cache) == 0
 
 
 # ------------------------------------------------------------------------- key loading
+
+ROCA_WHY = "rsa modulus has the ROCA fingerprint"
+# roca-detect's prime list (Nemec et al. 2017); the fingerprint: n mod r lies in <65537 mod r>.
+ROCA_PRIMES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79,
+               83, 89, 97, 101, 103, 107, 109, 113, 127, 131, 137, 139, 149, 151, 157, 163, 167)
+
+
+def _roca_reference(n: int) -> bool:
+    """An independent, slow statement of the fingerprint test."""
+    for r in ROCA_PRIMES:
+        subgroup = {pow(65537, k, r) for k in range(r)}
+        if n % r not in subgroup:
+            return False
+    return True
+
+
+def _modulus_jwk(n: int, kid: str = "roca") -> dict[str, Any]:
+    return {"kty": "RSA", "kid": kid, "n": b64u(n.to_bytes((n.bit_length() + 7) // 8, "big")),
+            "e": "AQAB"}
+
+
+def _roca_like_modulus() -> int:
+    """n = p*q with p, q = k*M + (65537^a mod M), M = 2 * the primes: the structure of the
+    vulnerable Infineon primes (primality plays no part in the fingerprint)."""
+    m = 2
+    for r in ROCA_PRIMES:
+        m *= r
+    rng = int.from_bytes(os.urandom(64), "big")
+    p = (rng | 1 << 1100) * m + pow(65537, 1 + rng % 1000, m)
+    q = ((rng >> 7) | 1 << 1100) * m + pow(65537, 3 + rng % 997, m)
+    return p * q
+
+
+def test_roca_structured_modulus_is_skipped() -> None:
+    n = _roca_like_modulus()
+    assert _roca_reference(n) and 2048 <= n.bit_length() <= 8192
+    v = Verifier(ISSUER, [AUDIENCE])
+    report = v.set_jwks({"keys": [_modulus_jwk(n), RS.public_jwk]})
+    assert report.skipped == [("roca", ROCA_WHY)] and report.kids == {RS.kid}
+    # a nearby odd modulus off the fingerprint (some residue leaves its subgroup) loads
+    twin = next(n + d for d in range(2, 400, 2) if not _roca_reference(n + d))
+    assert v.set_jwks({"keys": [_modulus_jwk(twin)]}).loaded == 1
+
+
+def test_roca_wycheproof_modulus_is_skipped(wycheproof_dir: Path) -> None:
+    data = json.loads((wycheproof_dir / "json_web_key_test.json").read_text())
+    jwks = [jwk for group in data["testGroups"]
+            if any(t["comment"] == "rejectsKeyWithRocaVulnerability" for t in group["tests"])
+            for jwk in (group.get("public") or group["private"])["keys"]]
+    assert jwks, "no ROCA vector in json_web_key_test.json"
+    for jwk in jwks:
+        assert _roca_reference(int.from_bytes(raw_b64u(jwk["n"]), "big"))
+        report = Verifier(ISSUER, [AUDIENCE]).set_jwks({"keys": [jwk]})
+        assert report.loaded == 0 and report.skipped == [(jwk.get("kid"), ROCA_WHY)]
+        assert verify_jws(make_token(RS, kid=jwk.get("kid")), jwk) is R.KEY_NOT_FOUND
+
+
+def test_roca_no_false_positive_on_fresh_keys() -> None:
+    keys = [rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
+            for _ in range(20)]
+    assert not any(_roca_reference(n) for n in keys)
+    report = Verifier(ISSUER, [AUDIENCE]).set_jwks(
+        {"keys": [_modulus_jwk(n, f"k{i}") for i, n in enumerate(keys)]})
+    assert report.loaded == 20 and not report.skipped
 
 def _rsa_jwk(bits: int = 2048, e: int = 65537) -> dict[str, Any]:
     n = rsa.generate_private_key(65537, bits).public_key().public_numbers().n if bits <= 2048 \
@@ -1385,7 +1605,8 @@ def _rsa_jwk(bits: int = 2048, e: int = 65537) -> dict[str, Any]:
 def _skip_cases() -> list[Any]:
     es = dict(ES.public_jwk)
     ed = dict(ED.public_jwk)
-    rs = dict(RS.public_jwk)
+    # another kid than RS's: the valid RS key loaded beside it must not be a duplicate kid
+    rs = dict(RS.public_jwk, kid="rs-variant")
     return [
         pytest.param(_rsa_jwk(1024), "rsa modulus < 2048 bits", id="rsa-1024"),
         pytest.param(_rsa_jwk(16384), "rsa modulus > 8192 bits", id="rsa-16384"),
@@ -1446,6 +1667,34 @@ def test_set_jwks_duplicate_kid_drops_both() -> None:
     assert report.skipped == [("dup", "duplicate kid"), ("dup", "duplicate kid")]
     check(v, make_token(a), R.KEY_NOT_FOUND)
     check(v, make_token(a, kid=None), R.KEY_NOT_FOUND)
+
+
+@pytest.mark.parametrize("bad_first", [False, True])
+def test_set_jwks_duplicate_kid_counted_before_validation(bad_first: bool) -> None:
+    # Wycheproof JWK tc4: one copy of the kid is itself unusable. Dropping only that copy would
+    # let the other one answer the ambiguous kid; kids are counted over every entry first.
+    a = generate("ES256", kid="dup")
+    bad = dict(a.public_jwk, x=b64u(os.urandom(32)), y=b64u(os.urandom(32)))  # off the curve
+    keys = [bad, a.public_jwk] if bad_first else [a.public_jwk, bad]
+    v = Verifier(ISSUER, [AUDIENCE])
+    report = v.set_jwks({"keys": [*keys, RS.public_jwk]})
+    assert report.loaded == 1 and report.kids == {RS.kid}
+    assert report.skipped == [("dup", "duplicate kid"), ("dup", "duplicate kid")]
+    check(v, make_token(a), R.KEY_NOT_FOUND)
+    check(v, make_token(RS), R.OK)
+    # the same loader serves verify_jws: a JWKS with two "dup" entries names no key
+    token = signed(a, hdr(a), b"payload")
+    assert verify_jws(token, {"keys": keys}) is R.KEY_NOT_FOUND
+    assert verify_jws(token, {"keys": [a.public_jwk]}) is R.OK
+
+
+def test_set_jwks_duplicate_kid_beyond_the_key_cap_still_counts() -> None:
+    filler = [dict(ES.public_jwk, kid=f"k{i}") for i in range(_verify.MAX_JWKS_KEYS - 1)]
+    doc = {"keys": [RS.public_jwk, *filler, dict(RS.public_jwk)]}  # RS's kid again, last
+    report = Verifier(ISSUER, [AUDIENCE]).set_jwks(doc)
+    assert (RS.kid, "duplicate kid") in report.skipped
+    assert report.skipped[-1] == (RS.kid, "too many keys")
+    assert RS.kid not in report.kids
 
 
 def test_set_jwks_caps_the_key_count() -> None:
@@ -1541,7 +1790,44 @@ def test_verify_jws_payload_need_not_be_json() -> None:
         assert verify_jws(token, key.public_jwk) is R.OK
         assert verify_jws(token.encode(), jwks_of(key)) is R.OK
         assert verify_jws(with_sig(token, b"x"), key.public_jwk) is R.SIGNATURE_INVALID
-    assert verify_jws(signed(RS, hdr(RS), b""), RS.public_jwk) is R.TOKEN_MALFORMED
+
+def test_verify_jws_empty_payload_is_a_valid_jws() -> None:
+    # RFC 7515 §7.1: the payload is arbitrary octets, the empty sequence included (Wycheproof
+    # emptyPayload is valid). Only the JWT path refuses "H..S" (A15, not a claim set).
+    for key in (RS, ES, ED):
+        token = signed(key, hdr(key), b"")
+        assert token.split(".")[1] == ""
+        assert verify_jws(token, key.public_jwk) is R.OK
+        assert verify_jws(token, jwks_of(key)) is R.OK
+        assert verify_jws(with_sig(token, key.sign(b"x")), key.public_jwk) is R.SIGNATURE_INVALID
+        check(verifier(key), token, R.TOKEN_MALFORMED, detail="empty payload")
+    mac_key = os.urandom(32)
+    head = b64u_json({"alg": "HS256"})
+    token = f"{head}..{b64u(hmac.new(mac_key, f'{head}.'.encode(), 'sha256').digest())}"
+    assert verify_jws(token, {"kty": "oct", "k": b64u(mac_key)}) is R.OK
+    check(Verifier(ISSUER, secret=mac_key), token, R.TOKEN_MALFORMED, detail="empty payload")
+    assert verify_jws("..", RS.public_jwk) is R.TOKEN_MALFORMED  # empty header: no JSON
+
+
+def test_verify_jws_mixed_key_set_is_rejected() -> None:
+    # Wycheproof JWK tc1 / json_web_crypto tc47 (MixedKeySet): a set holding both a shared
+    # secret and public keys is refused as a whole; every token gets key_not_found.
+    secret = os.urandom(32)
+    oct_jwk = {"kty": "oct", "k": b64u(secret), "kid": "hs"}
+    es_token = signed(ES, hdr(ES), b"payload")
+    hs_tok = hs_token(secret, {"alg": "HS256", "kid": "hs"})
+    mixed = {"keys": [oct_jwk, ES.public_jwk]}
+    assert verify_jws(es_token, mixed) is R.KEY_NOT_FOUND
+    assert verify_jws(hs_tok, mixed) is R.KEY_NOT_FOUND
+    assert verify_jws(signed(ES, {"alg": "ES256"}, b"p"), mixed) is R.KEY_NOT_FOUND
+    # an unusable oct entry still makes the set mixed; a bad token is still malformed first
+    short = {"kty": "oct", "k": b64u(secret[:8]), "kid": "short"}
+    assert verify_jws(es_token, {"keys": [ES.public_jwk, short]}) is R.KEY_NOT_FOUND
+    assert verify_jws("a.b", mixed) is R.TOKEN_MALFORMED
+    # each half on its own is fine
+    assert verify_jws(es_token, {"keys": [ES.public_jwk]}) is R.OK
+    assert verify_jws(hs_tok, {"keys": [oct_jwk]}) is R.OK
+    assert verify_jws(es_token, jwks_of(RS, ES, ED)) is R.OK
 
 
 def test_verify_jws_oct_keys() -> None:
