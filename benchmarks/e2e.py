@@ -27,6 +27,7 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
+import fcntl
 import http.client
 import json
 import os
@@ -138,9 +139,11 @@ def token_files(key: rsa.RSAPrivateKey, run_dir: Path) -> dict[str, Path]:
     log("minting tokens (22,000 RS256 signatures, cached for later runs) ...")
     for name, (fname, count, _desc, _status) in WORKLOADS.items():
         signer = wrong if name == "W3" else None
-        with open(run_dir / fname, "w") as f:
+        tmp = run_dir / f".{fname}.tmp"
+        with open(tmp, "w") as f:
             for i in range(count):
                 f.write(mint(key, f"{name.lower()}-user-{i}", now, signer=signer) + "\n")
+        os.replace(tmp, run_dir / fname)  # atomic: a run reading the old file is unaffected
     meta_path.write_text(json.dumps({"key": fingerprint, "exp": now + TOKEN_TTL}))
     log(f"minted in {time.monotonic() - t0:.1f}s")
     return paths
@@ -576,14 +579,22 @@ def main(argv: list[str] | None = None) -> int:
         if shutil.which(tool) is None:
             print(f"e2e: {tool} is required (Debian package {tool})", file=sys.stderr)
             return 2
-    run_dir = (args.out_dir / "e2e").resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # Keys and tokens are shared by every run (minting 22,000 RS256 tokens takes a while);
+    # configs, logs and wrk results go to a directory of this run only, so two runs at the
+    # same time (e.g. another benchmark using the same out dir) never mix their files.
+    cache_dir = (args.out_dir / "e2e").resolve()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = cache_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir.mkdir(parents=True)
     can_pin = not args.no_pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2
     pin = Pinning("0", "1") if can_pin else Pinning(None, None)
 
-    key = load_or_create_key(run_dir / "signing-key.pem")
+    with open(cache_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one minter at a time; others wait, then reuse
+        key = load_or_create_key(cache_dir / "signing-key.pem")
+        tokens = token_files(key, cache_dir)
     pubkey, jwks = public_files(key, run_dir)
-    tokens = token_files(key, run_dir)
+    log(f"run directory: {run_dir}")
 
     procs = Procs()
     env = Env(run_dir, pin, procs, free_port(), pubkey, jwks, args.fastgate_cmd)

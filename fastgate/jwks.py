@@ -172,6 +172,8 @@ class KeySource(Protocol):
     @property
     def ready(self) -> bool: ...
     @property
+    def ever_loaded(self) -> bool: ...
+    @property
     def state(self) -> KeySourceState: ...
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
@@ -268,6 +270,11 @@ class _Base:
     def ready(self) -> bool:
         """Usable keys are loaded now (the verifier answers jwks_unavailable otherwise)."""
         return self.verifier.key_count > 0
+
+    @property
+    def ever_loaded(self) -> bool:
+        """A key set was loaded at least once (False only during a cold start)."""
+        return self._last_success_mono is not None
 
     @property
     def location(self) -> str | None:

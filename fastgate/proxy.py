@@ -90,6 +90,8 @@ class KeySourceLike(Protocol):
 
     @property
     def ready(self) -> bool: ...
+    @property
+    def ever_loaded(self) -> bool: ...
     async def refresh_for_kid(self, kid: str) -> bool: ...
     async def wait_ready(self, timeout: float) -> bool: ...
 
@@ -545,7 +547,7 @@ class DataPlane:
             # One single-flight, rate-limited refetch of the provider's JWKS.
             kid = result.kid
             retry = bool(kid) and await source.refresh_for_kid(kid or "")
-        elif source.state.last_success is None:
+        elif not source.ever_loaded:
             # Cold start: wait briefly for the provider's first keys. After a max_stale drop
             # the IdP is known to be failing, so the 503 goes out at once instead.
             retry = await source.wait_ready(COLD_START_WAIT)
