@@ -31,7 +31,6 @@ bytes, which the kernel keeps whole when several workers share the pipe. A faili
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import random
@@ -46,6 +45,7 @@ import orjson
 
 from fastgate.config import AccessLogConfig
 from fastgate.reasons import REJECT_REASONS, Reason
+from fastgate.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from aiohttp.web import BaseRequest
@@ -201,10 +201,7 @@ class AccessLog:
     async def stop(self) -> None:
         """Stop the timer, write what is buffered, close the file this log opened."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self.close()
 
     def close(self) -> None:

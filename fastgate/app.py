@@ -1,7 +1,7 @@
 """Compile a ``GatewayConfig`` into runtime tables and run the data-plane server.
 
-:class:`Gateway` is the unit the CLI (single process) and the supervisor (one per worker
-process, each on its own event loop) use::
+:class:`Gateway` is the unit :mod:`fastgate.supervisor` runs (in the single process, or one
+per worker process, each on its own event loop); the supervisor owns signals and reloads::
 
     gw = Gateway.build(config, metrics=m, access_log=a, worker=0)   # compile; ConfigError
     await gw.start(sock)        # key sources, then the server (sock: a SO_REUSEPORT socket)
@@ -23,8 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import signal
 import socket
 from collections.abc import Iterable
 from typing import Any
@@ -35,7 +33,15 @@ from fastgate.config import GatewayConfig, ProviderConfig
 from fastgate.errors import ConfigError
 from fastgate.extract import TokenExtractor, dedupe_sources
 from fastgate.policy import Policy
-from fastgate.proxy import HOP_BY_HOP, AccessLog, DataPlane, KeySourceLike, RouteRuntime, Tables
+from fastgate.proxy import (
+    HOP_BY_HOP,
+    AccessLog,
+    DataPlane,
+    KeySourceLike,
+    MetricsHooks,
+    RouteRuntime,
+    Tables,
+)
 from fastgate.responses import DEFAULT_REJECTS, build_rejects
 from fastgate.routes import RouteTable
 from fastgate.upstream import UpstreamPool
@@ -237,6 +243,12 @@ def compile_tables(
         ))
     if errors:
         raise ConfigError(errors)
+    # One metrics binding per compiled configuration (its own route/upstream indexes), so a
+    # request that started on these tables counts under its route across a reload.
+    bind = getattr(metrics, "bind", None)
+    hooks = MetricsHooks(
+        bind(routes=[r.name for r in config.routes], upstreams=upstream_names)
+        if callable(bind) else metrics)
     return Tables(
         config=config,
         routes=table,
@@ -249,6 +261,7 @@ def compile_tables(
         reserved_headers=frozenset(reserved),
         max_body_bytes=config.limits.max_body_bytes,
         max_header_bytes=config.limits.max_header_bytes,
+        hooks=hooks,
     )
 
 
@@ -420,58 +433,3 @@ async def _close_unshared(old: Tables, keep: Tables) -> None:
         if id(source) not in kept_sources:
             with contextlib.suppress(Exception):
                 await source.stop()
-
-
-# ---------------------------------------------------------------------------------------------
-# Single-process mode (the CLI)
-# ---------------------------------------------------------------------------------------------
-
-
-def run(config: GatewayConfig) -> int:
-    """Serve ``config`` in this process on uvloop until a signal.
-
-    SIGTERM: stop accepting, drain in-flight requests up to ``drain_timeout``, exit 0.
-    SIGINT: the same with a short drain, exit 130. SIGHUP: reload ``config.source``
-    (an invalid file keeps the running config; the errors are logged).
-    """
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config))
-
-
-async def _serve(config: GatewayConfig) -> int:
-    loop = asyncio.get_running_loop()
-    gateway = Gateway.build(config)
-    await gateway.start()
-    stopping: asyncio.Future[int] = loop.create_future()
-
-    def on_stop(code: int) -> None:
-        if not stopping.done():
-            stopping.set_result(code)
-
-    async def reload() -> None:
-        if not gateway.config.source:
-            log.warning("SIGHUP: the config has no source file; nothing to reload")
-            return
-        from fastgate.config import load_config
-
-        try:
-            new = load_config(gateway.config.source, os.environ)
-            await gateway.swap(new)
-        except ConfigError as exc:
-            log.error("reload failed, keeping the running config:\n%s", exc)
-        else:
-            log.info("configuration reloaded from %s", gateway.config.source)
-
-    loop.add_signal_handler(signal.SIGTERM, on_stop, 0)
-    loop.add_signal_handler(signal.SIGINT, on_stop, 130)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
-    try:
-        code = await stopping
-        await gateway.drain(config.drain_timeout if code == 0 else 1.0)
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        await gateway.stop()
-    return code

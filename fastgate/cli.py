@@ -7,17 +7,25 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from fastgate.errors import ConfigError
 
+if TYPE_CHECKING:
+    from fastgate.config import GatewayConfig
 
-def _load(path: str) -> Any:
+
+def _load_or_report(path: str) -> GatewayConfig | None:
+    """The config, or None after printing every error with its path (SPEC §2)."""
     from fastgate.config import load_config
 
-    return load_config(path, os.environ)
+    try:
+        return load_config(path, os.environ)
+    except ConfigError as exc:  # the loader reports unreadable files this way too
+        _print_config_errors(path, exc)
+        return None
 
 
 def _print_config_errors(path: str, exc: ConfigError) -> None:
@@ -27,13 +35,8 @@ def _print_config_errors(path: str, exc: ConfigError) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args.config)
-    except ConfigError as exc:
-        _print_config_errors(args.config, exc)
-        return 1
-    except OSError as exc:
-        print(f"{args.config}: {exc.strerror or exc}", file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 1
     print(
         f"{args.config}: OK ({len(config.routes)} routes, {len(config.providers)} providers, "
@@ -43,13 +46,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    try:
-        config = _load(args.config)
-    except ConfigError as exc:
-        _print_config_errors(args.config, exc)
-        return 1
-    except OSError as exc:
-        print(f"{args.config}: {exc.strerror or exc}", file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 1
     from fastgate import supervisor
 
@@ -135,13 +133,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"--now: expected seconds since the epoch or an ISO 8601 time, got {args.now!r}",
               file=sys.stderr)
         return 2
-    try:
-        config = _load(args.config)
-    except ConfigError as exc:
-        _print_config_errors(args.config, exc)
-        return 2
-    except OSError as exc:
-        print(f"{args.config}: {exc.strerror or exc}", file=sys.stderr)
+    config = _load_or_report(args.config)
+    if config is None:
         return 2
     try:
         result = explain(config, token, args.route, now)

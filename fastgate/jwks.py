@@ -91,6 +91,7 @@ import yarl
 
 from fastgate._verify import KeyReport, Verifier
 from fastgate.config import JwksCacheConfig, ProviderConfig
+from fastgate.tasks import cancel_and_wait
 
 __all__ = [
     "KID_REFRESH_WAIT",
@@ -488,10 +489,7 @@ class FileKeySource(_Base):
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self._ready_event.set()  # release cold-start waiters (they see ready=False if no keys)
 
     async def refresh_for_kid(self, kid: str) -> bool:
@@ -620,10 +618,7 @@ class RemoteKeySource(_Base):
         tasks = [t for t in (self._task, self._inflight) if t is not None]
         self._task = None
         for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+            await cancel_and_wait(t)
         self._inflight = None
         if self._own_session is not None:
             await self._own_session.close()

@@ -62,6 +62,7 @@ from prometheus_client import multiprocess as _pc_multiprocess
 from prometheus_client import values as _pc_values
 
 from fastgate.reasons import REJECT_REASONS, Reason
+from fastgate.tasks import cancel_and_wait
 
 __all__ = [
     "CONTENT_TYPE",
@@ -592,10 +593,7 @@ class Metrics(MetricsBinding):
     async def stop(self) -> None:
         """Stop the timer and flush what is pending (before a worker exits)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(task)
         self.flush()
 
     async def _flush_every(self, interval: float) -> None:

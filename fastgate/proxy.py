@@ -32,11 +32,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
+from http import HTTPStatus
 from time import perf_counter
 from typing import Any, Protocol
 
 from aiohttp import web
-from aiohttp.http import HttpVersion11
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.streams import EmptyStreamReader, StreamReader
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
@@ -133,6 +135,83 @@ def _noop(*args: Any) -> None:
     return None
 
 
+class WireResponse(web.StreamResponse):
+    """A :class:`~fastgate.responses.Canned` answer written as ONE preassembled buffer.
+
+    The reject path's cost is dominated by aiohttp's generic response machinery (a headers
+    multidict copied and mutated per request, then serialised); a canned answer's head is
+    known at compile time except for ``Date`` and the connection token. The wire bytes are
+    those aiohttp writes for ``Canned.response()`` (same header order, ``Date``, ``Server``,
+    ``Connection`` per RFC 9112 §9.3 / §C.2.2 keep-alive rules, no body for HEAD — RFC 9110
+    §9.3.2 — and for 1xx/204/304). aiohttp's protocol only calls ``prepare``, ``write_eof``
+    and reads ``keep_alive``; ``status`` and ``force_close()`` work as on any response."""
+
+    def __init__(self, wire: Wire, close: bool = False) -> None:
+        # Deliberately not StreamResponse.__init__: none of its state (a headers multidict,
+        # cookies, compression, chunking) is used; only what the properties below read.
+        self._wire = wire
+        self._status = wire.status
+        self._reason = wire.reason
+        self._keep_alive: bool | None = False if close else None
+        self._eof_sent = False
+        self._payload_writer = None
+        self._req = None
+
+    async def prepare(self, request: BaseRequest) -> None:
+        if self._eof_sent:
+            return
+        self._eof_sent = True
+        keep_alive = self._keep_alive
+        if keep_alive is None:
+            keep_alive = request.keep_alive
+        self._keep_alive = keep_alive
+        wire = self._wire
+        version = request.version
+        if version == HttpVersion11:
+            first = b"HTTP/1.1"
+            conn = b"" if keep_alive else b"Connection: close\r\n"
+        else:
+            first = b"HTTP/%d.%d" % (version.major, version.minor)
+            conn = b"Connection: keep-alive\r\n" if keep_alive and version == HttpVersion10 \
+                else b""
+        body = b"" if must_be_empty_body(request.method, wire.status) else wire.body
+        data = b"".join((first, wire.head, rfc822_formatted_time().encode(), wire.server, conn,
+                         b"\r\n", body))
+        # One write (and aiohttp's own back-pressure wait) through the request's writer.
+        await request._payload_writer.write_eof(data)
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+class Wire:
+    """The compile-time part of a :class:`WireResponse`: status line tail, the fixed headers
+    (``Content-Type``, the canned extras, ``Content-Length``) and the body."""
+
+    __slots__ = ("body", "canned", "head", "reason", "server", "status")
+
+    def __init__(self, canned: Canned) -> None:
+        self.canned = canned
+        self.status = canned.status
+        try:
+            self.reason = HTTPStatus(canned.status).phrase
+        except ValueError:
+            self.reason = ""
+        self.body = canned.body
+        lines = [f" {self.status} {self.reason}\r\n"]
+        lines.extend(f"{name}: {value}\r\n" for name, value in canned.headers.items())
+        lines.append(f"Content-Length: {len(canned.body)}\r\nDate: ")
+        self.head = "".join(lines).encode("utf-8")
+        self.server = f"\r\nServer: {SERVER_SOFTWARE}\r\n".encode()
+
+    def response(self, close: bool = False) -> WireResponse:
+        return WireResponse(self, close)
+
+
+_WIRE_BAD_REQUEST = Wire(BAD_REQUEST)
+_WIRE_NOT_FOUND = Wire(NOT_FOUND)
+
+
 class BodyTooLarge(Exception):
     """A chunked request body crossed ``max_body_bytes`` while it was being streamed."""
 
@@ -148,7 +227,7 @@ class RouteRuntime:
         "allow_missing", "api_key", "auth", "body_timeout", "cors_bypass", "extractor",
         "forward_token", "index", "issuer_set", "key_sources", "mode_all", "name", "policy",
         "policy_checks", "policy_headers", "pool", "rejects", "route", "upstream",
-        "upstream_index", "verifiers",
+        "upstream_index", "verifiers", "wires",
     )
 
     def __init__(
@@ -178,6 +257,7 @@ class RouteRuntime:
         self.body_timeout = body_timeout  # the upstream's read_timeout, client side
         self.pool = pool
         self.rejects = rejects
+        self.wires = tuple(Wire(c) for c in rejects)  # same index (Reason) as rejects
         self.issuer_set = issuer_set
         self.verifiers = verifiers
         self.key_sources: Mapping[Verifier, KeySourceLike] = key_sources or {}
@@ -197,9 +277,9 @@ class RouteRuntime:
 class Tables:
     """One compiled configuration: what a request reads. Replaced whole on reload."""
 
-    __slots__ = ("api_keys", "cache", "config", "header_actions", "inflight", "key_sources",
-                 "max_body_bytes", "max_header_bytes", "no_route", "pools", "routes", "runtimes",
-                 "uses_host", "verifiers")
+    __slots__ = ("api_keys", "cache", "config", "header_actions", "hooks", "inflight",
+                 "key_sources", "max_body_bytes", "max_header_bytes", "no_route", "pools", "routes",
+                 "runtimes", "uses_host", "verifiers")
 
     def __init__(
         self,
@@ -215,8 +295,12 @@ class Tables:
         reserved_headers: frozenset[str],
         max_body_bytes: int,
         max_header_bytes: int,
+        hooks: MetricsHooks | None = None,
     ) -> None:
         self.config = config
+        # Metrics bound to THIS configuration's route/upstream indexes: a request in flight
+        # across a reload counts under the route it matched, never an index of the new list.
+        self.hooks = hooks if hooks is not None else MetricsHooks(None)
         self.routes = routes
         self.runtimes = runtimes
         self.pools = pools
@@ -290,7 +374,6 @@ class DataPlane:
     def __init__(self, tables: Tables, *, metrics: object | None = None,
                  access_log: AccessLog | None = None) -> None:
         self.tables = tables
-        self.hooks = MetricsHooks(metrics)
         self.access_log = access_log
         self.draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -318,7 +401,7 @@ class DataPlane:
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
         tables = self.tables
-        hooks = self.hooks
+        hooks = tables.hooks  # captured with the tables: both belong to one configuration
         loop = self._loop or asyncio.get_running_loop()
         start = loop.time()
         tables.inflight += 1
@@ -368,11 +451,11 @@ class DataPlane:
             path = raw[:q]
             qs = raw[q + 1:]
         if path_is_ambiguous(path):
-            return BAD_REQUEST.response(), t.no_route, BAD_REQUEST.label, None
+            return _WIRE_BAD_REQUEST.response(), t.no_route, BAD_REQUEST.label, None
         headers = request.headers
         route = t.routes.match(method, headers.get("Host") if t.uses_host else None, path)
         if route is None:
-            return NOT_FOUND.response(), t.no_route, NOT_FOUND.label, None
+            return _WIRE_NOT_FOUND.response(), t.no_route, NOT_FOUND.label, None
         rt = t.runtimes[route.index]
         idx = rt.index
 
@@ -409,14 +492,13 @@ class DataPlane:
             rt.cors_bypass and method == "OPTIONS" and "Origin" in headers
             and "Access-Control-Request-Method" in headers
         ):
-            reason, claims, found = await self._authenticate(rt, headers, qs)
+            reason, claims, found = await self._authenticate(rt, t.hooks, headers, qs)
             if reason is not Reason.OK:
-                self.hooks.reject(idx, reason)
-                canned = rt.rejects[reason]
+                t.hooks.reject(idx, reason)
+                wire = rt.wires[reason]
                 # The body was not read: close rather than drain it (no 100 was sent).
-                if request.body_exists and not request.content.is_eof():
-                    return canned.with_close(), idx, canned.label, None
-                return canned.response(), idx, canned.label, None
+                close = request.body_exists and not request.content.is_eof()
+                return wire.response(close), idx, wire.canned.label, None
             if found and not rt.forward_token:
                 fwd, qs = self._remove_tokens(rt, fwd, qs, found)
             if claims is not None and rt.policy_headers:
@@ -466,12 +548,12 @@ class DataPlane:
         target = rt.route.rewrite(path) if rt.route.strip_prefix else path
         if qs:
             target = target + "?" + qs
-        return await self._forward(rt, request, method, target, fwd, body)
+        return await self._forward(rt, t.hooks, request, method, target, fwd, body)
 
     # -- auth -----------------------------------------------------------------------------
 
     async def _authenticate(
-        self, rt: RouteRuntime, headers: Any, qs: str
+        self, rt: RouteRuntime, hooks: MetricsHooks, headers: Any, qs: str
     ) -> tuple[Reason, Mapping[str, Any] | None, list[tuple[int, str]] | None]:
         """``(reason, claims, found)``: ``found`` lists ``(source index, token)`` pairs."""
         claims: Mapping[str, Any] | None = None
@@ -481,7 +563,7 @@ class DataPlane:
             if rt.mode_all:
                 reason, tokens = extractor.extract_all(headers, qs)
                 if reason is Reason.OK:
-                    reason, claims = await self._verify_all(rt, tokens)
+                    reason, claims = await self._verify_all(rt, hooks, tokens)
                     found = tokens
                 elif reason is Reason.TOKEN_MISSING and rt.allow_missing:
                     reason = Reason.OK
@@ -491,7 +573,7 @@ class DataPlane:
                 reason, token, index = extractor.extract(headers, qs)
                 if reason is Reason.OK:
                     assert token is not None
-                    result = self._verify_now(rt, token)
+                    result = self._verify_now(rt, hooks, token)
                     if not result.ok:
                         reason = result.reason
                         if reason is Reason.KEY_NOT_FOUND or reason is Reason.JWKS_UNAVAILABLE:
@@ -515,13 +597,13 @@ class DataPlane:
                 return reason, None, None
         return Reason.OK, claims, found
 
-    def _verify_now(self, rt: RouteRuntime, token: str) -> Result:
+    @staticmethod
+    def _verify_now(rt: RouteRuntime, hooks: MetricsHooks, token: str) -> Result:
         """One verification in the compiled verifier (synchronous: no await on the hot path)."""
         issuer_set = rt.issuer_set
         assert issuer_set is not None
         began = perf_counter()
         result = issuer_set.verify(token)
-        hooks = self.hooks
         if result.cached:
             hooks.cache_lookup(True)
         else:
@@ -530,8 +612,8 @@ class DataPlane:
             hooks.cache_lookup(False)
         return result
 
-    async def _verify(self, rt: RouteRuntime, token: str) -> Result:
-        result = self._verify_now(rt, token)
+    async def _verify(self, rt: RouteRuntime, hooks: MetricsHooks, token: str) -> Result:
+        result = self._verify_now(rt, hooks, token)
         reason = result.reason
         if reason is Reason.KEY_NOT_FOUND or reason is Reason.JWKS_UNAVAILABLE:
             result = await self._verify_after_keys(rt, token, result)
@@ -558,13 +640,14 @@ class DataPlane:
             result = rt.issuer_set.verify(token)
         return result
 
-    async def _verify_all(self, rt: RouteRuntime, tokens: list[tuple[int, str]]
+    async def _verify_all(self, rt: RouteRuntime, hooks: MetricsHooks,
+                          tokens: list[tuple[int, str]]
                           ) -> tuple[Reason, Mapping[str, Any] | None]:
         """``mode: all``: every token valid, and together they cover every listed provider;
         policy and claim headers read the token of the first listed provider."""
         covered: dict[Verifier, Mapping[str, Any]] = {}
         for _, token in tokens:
-            result = await self._verify(rt, token)
+            result = await self._verify(rt, hooks, token)
             if not result.ok:
                 return result.reason, None
             verifier = result.verifier
@@ -607,6 +690,7 @@ class DataPlane:
     async def _forward(
         self,
         rt: RouteRuntime,
+        hooks: MetricsHooks,
         request: BaseRequest,
         method: str,
         target: str,
@@ -614,7 +698,6 @@ class DataPlane:
         body: bytes | AsyncIterator[bytes] | None,
     ) -> tuple[web.StreamResponse, int, str | None, float | None]:
         idx = rt.index
-        hooks = self.hooks
         loop = self._loop or asyncio.get_running_loop()
         sent = loop.time()
         try:
@@ -639,12 +722,12 @@ class DataPlane:
             if complete is not None:
                 return web.Response(status=up.status, reason=up.reason, headers=up.headers,
                                     body=complete), idx, None, upstream_s
-            return await self._stream_response(request, up, rt), idx, None, upstream_s
+            return await self._stream_response(request, up, rt, hooks), idx, None, upstream_s
         finally:
             up.release()
 
     async def _stream_response(self, request: BaseRequest, up: UpstreamResponse,
-                               rt: RouteRuntime) -> web.StreamResponse:
+                               rt: RouteRuntime, hooks: MetricsHooks) -> web.StreamResponse:
         resp = web.StreamResponse(status=up.status, reason=up.reason, headers=up.headers)
         if up.content_length is None and request.version != HttpVersion11:
             resp.force_close()  # HTTP/1.0: the body ends when the connection closes
@@ -661,7 +744,7 @@ class DataPlane:
         except UpstreamError as exc:
             # Mid-body failure: the head is gone already, so the only honest signal left is
             # to cut the client connection (an incomplete body, never a silent truncation).
-            self.hooks.upstream_error(rt.upstream_index, exc.kind)
+            hooks.upstream_error(rt.upstream_index, exc.kind)
             log.info("route %s upstream %s: %s (mid-body)", rt.name, rt.upstream, exc)
             transport = request.transport
             if transport is not None:

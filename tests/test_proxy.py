@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -983,13 +984,54 @@ def test_swap_hot_reload_and_drain(env: Env) -> None:
     assert env.loop.run(go()) == (404, 200, 200, 200)
 
 
+def test_swap_in_flight_request_on_removed_route_counts_under_it(env: Env) -> None:
+    """A request in flight on route index 2 across a reload to a one-route list completes
+    (200) and is counted under the route it matched, not an index of the new list."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fastgate.metrics import Metrics
+
+    routes = (_route("a", path_prefix="/a/"), _route("b", path_prefix="/b/"),
+              _route("c", path_prefix="/c/"))
+    config = replace(env.config, routes=routes)
+    metrics = Metrics(routes=[r.name for r in routes], providers=list(config.providers),
+                      upstreams=list(config.upstreams))
+
+    async def go() -> tuple[int, int]:
+        gw = await start_gateway(config, metrics=metrics)
+        try:
+            url = f"http://127.0.0.1:{gw.port}"
+            async with aiohttp.ClientSession() as s:
+                slow = asyncio.ensure_future(s.get(url + "/c/sleep/0.5"))
+                await asyncio.sleep(0.2)
+                await gw.swap(replace(config, routes=(_route("b", path_prefix="/b/"),)))
+                async with s.get(url + "/b/x") as r:
+                    new = r.status
+                old = await slow
+                await old.read()
+            return old.status, new
+        finally:
+            await gw.stop()
+
+    assert env.loop.run(go()) == (200, 200)
+    counts: dict[tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "fastgate_requests_total":
+                key = (sample.labels["route"], sample.labels["status_class"])
+                counts[key] = counts.get(key, 0) + sample.value
+    assert counts.get(("c", "2xx")) == 1  # the old route's name, not the new index 0
+    assert counts.get(("b", "2xx")) == 1
+    assert not counts.get(("a", "2xx"))
+
+
 def test_metrics_hooks_are_called(env: Env) -> None:
     calls: dict[str, list[tuple[Any, ...]]] = {}
 
     class Recorder:
         def __getattr__(self, name: str) -> Any:
-            if name.startswith("_"):
-                raise AttributeError(name)
+            if name.startswith("_") or name in ("bind", "reconfigure"):
+                raise AttributeError(name)  # no bind(): the data plane calls this object
 
             def record(*args: Any) -> None:
                 calls.setdefault(name, []).append(args)
@@ -1028,8 +1070,8 @@ def test_metrics_hooks_are_called(env: Env) -> None:
 
 
 def test_run_single_process_sighup_and_sigterm(env: Env, tmp_path: Path) -> None:
-    """``fastgate.app.run`` (the CLI's single-process mode) on a real YAML file: SIGHUP
-    reloads it, SIGTERM drains and exits 0."""
+    """``fastgate run -c FILE`` (one worker: the supervisor's single-process path) on a real
+    YAML file without admin or metrics: SIGHUP reloads it, SIGTERM drains and exits 0."""
     port = dead_port()
     path = tmp_path / "gateway.yaml"
 
@@ -1042,8 +1084,6 @@ def test_run_single_process_sighup_and_sigterm(env: Env, tmp_path: Path) -> None
                         f"upstreams:\n  echo: {{url: \"{env.up.url}\"}}\nroutes:\n{routes}")
 
     write(["/a/"])
-    script = ("import os, sys; from fastgate.config import load_config; "
-              "from fastgate.app import run; sys.exit(run(load_config(sys.argv[1], os.environ)))")
 
     async def status(s: aiohttp.ClientSession, target: str) -> int:
         async with s.get(f"http://127.0.0.1:{port}{target}") as r:
@@ -1062,7 +1102,7 @@ def test_run_single_process_sighup_and_sigterm(env: Env, tmp_path: Path) -> None
 
     async def go() -> tuple[bool, int, bool, int | None]:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", script, str(path),
+            sys.executable, "-m", "fastgate", "run", "-c", str(path),
             cwd=str(Path(__file__).resolve().parents[1]))
         try:
             async with aiohttp.ClientSession() as s:
@@ -1080,3 +1120,68 @@ def test_run_single_process_sighup_and_sigterm(env: Env, tmp_path: Path) -> None
         return up, before, reloaded, code
 
     assert env.loop.run(go(), timeout=40) == (True, 404, True, 0)
+
+
+def test_one_write_responses_match_aiohttp_byte_for_byte(env: Env) -> None:
+    """The data plane's one-write canned responses (rejects, 404, 400) put the same bytes on
+    the wire as aiohttp's ``web.Response`` for every HTTP version, keep-alive choice, method
+    and forced close."""
+    import re
+
+    from aiohttp import web
+    from aiohttp.web_server import Server
+
+    from fastgate.proxy import Wire
+    from fastgate.reasons import Reason
+    from fastgate.responses import NOT_FOUND, build_reject
+
+    canned = build_reject(Reason.INSUFFICIENT_SCOPE, scope="a b")
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        kind, _, fast = request.path.strip("/").partition("/")
+        close = "close" in request.query
+        c = canned if kind == "reject" else NOT_FOUND
+        if fast:
+            return Wire(c).response(close)
+        return c.with_close() if close else c.response()
+
+    async def one(port: int, data: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(data)
+            out = b""
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.3):
+                    while chunk := await reader.read(65536):
+                        out += chunk
+            return re.sub(rb"Date: [^\r]*", b"Date: D", out)
+        finally:
+            writer.close()
+
+    async def go() -> list[tuple[bytes, bytes]]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Server(handle, loop=loop, access_log=None),
+                                          "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        requests = [
+            (f"{method} /{kind}{{}}{q} HTTP/{version}\r\nHost: x\r\n{extra}\r\n")
+            for kind in ("reject", "notfound")
+            for method in ("GET", "HEAD")
+            for version, extra in (("1.1", ""), ("1.1", "Connection: close\r\n"),
+                                   ("1.0", ""), ("1.0", "Connection: keep-alive\r\n"))
+            for q in ("", "?close")
+        ]
+        try:
+            # Keep-alive connections stay open: read each for a short while, all at once.
+            slow = await asyncio.gather(*(one(port, r.format("").encode()) for r in requests))
+            fast = await asyncio.gather(*(one(port, r.format("/fast").encode())
+                                          for r in requests))
+        finally:
+            server.close()
+        return list(zip(slow, fast, strict=True))
+
+    pairs = env.loop.run(go(), timeout=60)
+    assert len(pairs) == 2 * 2 * 4 * 2
+    for slow, fast in pairs:
+        assert slow.startswith(b"HTTP/1.")
+        assert slow == fast

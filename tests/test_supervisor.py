@@ -642,11 +642,6 @@ def test_single_worker_admin_reload_and_stop(launch: Callable[..., Fastgate], tm
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "data plane: DataPlane.handle counts with the Metrics object's indexes, which "
-    "Gateway.swap() re-points (Metrics.reconfigure) to the new config; the in-flight request's "
-    "old route index is out of range there -> IndexError in handle()'s finally -> 502 and "
-    "nothing counted. Fix: one Metrics.bind(...) per Tables, used by requests on those tables."))
 def test_reload_removing_routes_keeps_in_flight_request(
         launch: Callable[..., Fastgate], tmp_path: Path, upstream: ThreadedUpstream) -> None:
     fg = launch(workers=1, extra_route=True, access_log=False)  # routes: api, public, extra
