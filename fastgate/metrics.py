@@ -376,17 +376,8 @@ class Metrics(MetricsBinding):
 
     enabled: bool = True
 
-    def __new__(
-        cls,
-        registry: CollectorRegistry | None = None,
-        *,
-        routes: Sequence[str] = (),
-        providers: Sequence[str] = (),
-        upstreams: Sequence[str] = (),
-        enabled: bool = True,
-        version: str | None = None,
-        extension: str | None = None,
-    ) -> Metrics:
+    def __new__(cls, *args: Any, enabled: bool = True, **kwargs: Any) -> Metrics:
+        # `Metrics(enabled=False)` is a NullMetrics: the data plane never branches on it.
         if not enabled and cls is Metrics:
             return object.__new__(NullMetrics)
         return object.__new__(cls)

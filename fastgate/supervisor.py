@@ -202,6 +202,18 @@ def _new_metrics(config: GatewayConfig) -> Metrics:
                    upstreams=list(config.upstreams), enabled=config.metrics)
 
 
+def _stop_trigger(stopping: asyncio.Future[str], again: str) -> Callable[[str], None]:
+    """A signal handler resolving `stopping` with the signal's name once; later ones are logged."""
+
+    def on_stop(name: str) -> None:
+        if stopping.done():
+            log.info("%s: %s", name, again)
+        else:
+            stopping.set_result(name)
+
+    return on_stop
+
+
 def _install_stop_handlers(loop: asyncio.AbstractEventLoop,
                            on_stop: Callable[[str], None]) -> None:
     for sig, name in _SIGNAL_NAMES.items():
@@ -288,12 +300,7 @@ async def _serve_single(config: GatewayConfig) -> int:
         return 1
 
     stopping: asyncio.Future[str] = loop.create_future()
-
-    def on_stop(name: str) -> None:
-        if stopping.done():
-            log.info("%s: already draining", name)
-        else:
-            stopping.set_result(name)
+    on_stop = _stop_trigger(stopping, "already draining")
 
     async def reload() -> None:
         nonlocal running
@@ -399,12 +406,7 @@ class _Master:
         loop = self._loop = asyncio.get_running_loop()
         self._all_exited = asyncio.Event()
         stopping: asyncio.Future[str] = loop.create_future()
-
-        def on_stop(name: str) -> None:
-            if stopping.done():
-                log.info("%s: already stopping", name)
-            else:
-                stopping.set_result(name)
+        on_stop = _stop_trigger(stopping, "already stopping")
 
         # Handlers first: a SIGTERM or SIGHUP while the workers start is not lost (a SIGHUP
         # reaches the workers already serving; the others get the new config once started).
