@@ -175,6 +175,22 @@ class Pinning:
                 f"{self.target_cpu} (for `direct`, nginx is the target: CPU {self.target_cpu})")
 
 
+def choose_pinning(no_pin: bool) -> Pinning:
+    """wrk and nginx on CPU 0, the target on CPU 1, when taskset and two CPUs are there."""
+    if not no_pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2:
+        return Pinning("0", "1")
+    return Pinning(None, None)
+
+
+def missing_tool(prog: str, tools: tuple[str, ...] = ("wrk", "nginx")) -> bool:
+    """Say which required Debian tool is missing (True), or find them all (False)."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            print(f"{prog}: {tool} is required (Debian package {tool})", file=sys.stderr)
+            return True
+    return False
+
+
 class Procs:
     """Every child we start, each in its own session so its whole group can be stopped."""
 
@@ -575,10 +591,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.load_at_start = os.getloadavg()[0]
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None:
-            print(f"e2e: {tool} is required (Debian package {tool})", file=sys.stderr)
-            return 2
+    if missing_tool("e2e"):
+        return 2
     # Keys and tokens are shared by every run (minting 22,000 RS256 tokens takes a while);
     # configs, logs and wrk results go to a directory of this run only, so two runs at the
     # same time (e.g. another benchmark using the same out dir) never mix their files.
@@ -586,8 +600,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir.mkdir(parents=True, exist_ok=True)
     run_dir = cache_dir / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     run_dir.mkdir(parents=True)
-    can_pin = not args.no_pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2
-    pin = Pinning("0", "1") if can_pin else Pinning(None, None)
+    pin = choose_pinning(args.no_pin)
 
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one minter at a time; others wait, then reuse

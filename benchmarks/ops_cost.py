@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -298,14 +297,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     load_before = os.getloadavg()[0]
-    for tool in ("wrk", "nginx"):
-        if shutil.which(tool) is None:
-            print(f"ops_cost: {tool} is required (Debian package {tool})", file=sys.stderr)
-            return 2
+    if e2e.missing_tool("ops_cost"):
+        return 2
     run_dir = (args.out_dir / "ops-cost").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    can_pin = not args.no_pin and shutil.which("taskset") and (os.cpu_count() or 1) >= 2
-    pin = e2e.Pinning("0", "1") if can_pin else e2e.Pinning(None, None)
+    pin = e2e.choose_pinning(args.no_pin)
     key = e2e.load_or_create_key(run_dir / "signing-key.pem")
     pubkey, jwks = e2e.public_files(key, run_dir)
     tokens = e2e.token_files(key, run_dir)["W1"]
