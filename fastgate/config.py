@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from fastgate.errors import ConfigError
+from fastgate.httpfields import HOP_BY_HOP
 
 # ---------------------------------------------------------------------------------------------
 # Data model (the contract between the loader and every runtime module)
@@ -221,9 +222,8 @@ _ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
 # Names a claim/payload header may never take: hop-by-hop (RFC 9110 §7.6.1), framing and
 # routing (§6.4, §7.2), credentials, and the X-Forwarded-*/Forwarded headers fastgate sets.
-_RESERVED_HEADERS = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authenticate", "proxy-authorization", "host", "content-length",
+_RESERVED_HEADERS = HOP_BY_HOP | frozenset({
+    "proxy-authenticate", "proxy-authorization", "host", "content-length",
     "content-type", "content-encoding", "expect", "authorization", "cookie", "set-cookie",
     "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
 })

@@ -45,6 +45,7 @@ from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_server import Server
 
+from fastgate import httpfields
 from fastgate._verify import IssuerSet, Result, TokenCache, Verifier
 from fastgate.apikeys import ApiKeyCheck, ApiKeyTable
 from fastgate.extract import TokenExtractor, iter_query, strip_cookie, strip_query_param
@@ -72,13 +73,9 @@ SMALL_BODY = 64 * 1024
 #: Cold start: how long a request waits for a provider's first key set (SPEC §5).
 COLD_START_WAIT = 1.0
 
-# RFC 9110 §7.6.1 hop-by-hop fields (+ Proxy-Connection, RFC 9112 Appendix C.2.2, and
-# Proxy-Authorization, a credential for this hop only). Expect is answered here (RFC 9110
-# §10.1.1) and never forwarded.
-HOP_BY_HOP = frozenset({
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "proxy-authorization", "expect",
-})
+# The hop-by-hop fields, plus Proxy-Authorization (a credential for this hop only) and Expect
+# (answered here, RFC 9110 §10.1.1, and never forwarded).
+HOP_BY_HOP = httpfields.HOP_BY_HOP | {"proxy-authorization", "expect"}
 # What reading a request body raises when the client breaks off or breaks framing.
 _CLIENT_BODY_ERRORS = (ConnectionError, asyncio.IncompleteReadError, RequestPayloadError, OSError)
 # Header actions (one dict lookup per inbound header).

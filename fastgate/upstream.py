@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from fastgate.config import UpstreamConfig
+from fastgate.httpfields import HOP_BY_HOP
 
 __all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse"]
 
@@ -45,16 +46,10 @@ WRITE_HIGH_WATER: Final = 256 * 1024
 #: Idle keep-alive connections older than this are closed by the sweeper.
 IDLE_TIMEOUT: Final = 60.0
 
-# RFC 9110 §7.6.1: hop-by-hop fields a proxy removes from a forwarded message, plus
-# Proxy-Connection (RFC 9112 Appendix C.2.2: obsolete, still seen) and Keep-Alive.
-_HOP_BY_HOP: Final = frozenset(
-    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-     "upgrade"}
-)
 # Request fields the pool owns: framing (RFC 9112 §6.1-6.3), connection management
 # (RFC 9112 §9) and Expect (RFC 9110 §10.1.1: the gateway answers 100-continue itself, so it
 # never asks the upstream for one).
-_REQUEST_OWNED: Final = _HOP_BY_HOP | {"content-length", "expect", "host"}
+_REQUEST_OWNED: Final = HOP_BY_HOP | {"content-length", "expect", "host"}
 # RFC 9110 §9.2.2: idempotent methods - safe to resend when a reused connection turned out to
 # be closed before any response byte (RFC 9112 §9.3.1).
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
@@ -65,7 +60,7 @@ _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 # (refused: the data plane never forwards Upgrade); other 1xx codes are unassigned.
 _INTERIM_OK: Final = frozenset({100, 102, 103})
 # Connection options that name no end-to-end field (already dropped, or not a field at all).
-_NOT_FIELD_NAMES: Final = _HOP_BY_HOP | {"close", ""}
+_NOT_FIELD_NAMES: Final = HOP_BY_HOP | {"close", ""}
 
 # Connection phases.
 _IDLE: Final = 0  # no exchange (in the pool, or acquired and not yet written)
@@ -322,7 +317,7 @@ class _Conn(asyncio.Protocol):
             if cached is None:
                 cached = _name_entry(raw_name)
             name, lname = cached
-            if lname in _HOP_BY_HOP:
+            if lname in HOP_BY_HOP:
                 if lname == "connection":
                     # RFC 9110 §7.6.1: every option named in Connection is hop-by-hop too.
                     tokens = raw_value.decode("latin-1").lower().split(",")
