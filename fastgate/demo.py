@@ -433,7 +433,7 @@ async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
     from fastgate.accesslog import AccessLog, RequestLogAdapter
     from fastgate.admin import AdminServer
     from fastgate.app import Gateway
-    from fastgate.metrics import Metrics
+    from fastgate.metrics import metrics_for
 
     out = out or sys.stdout
     signals = _StopSignals(asyncio.get_running_loop())
@@ -475,9 +475,7 @@ async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
         ))
         config: GatewayConfig = load_config(config_path, os.environ)
 
-        metrics = Metrics(routes=[r.name for r in config.routes],
-                          providers=list(config.providers), upstreams=list(config.upstreams),
-                          enabled=config.metrics)
+        metrics = metrics_for(config)
         holder["metrics"] = metrics
         access = AccessLog(config.access_log, 0, stream=sys.stderr.buffer)
         access.start()

@@ -61,6 +61,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _pc_multiprocess
 from prometheus_client import values as _pc_values
 
+from fastgate.config import GatewayConfig
 from fastgate.reasons import REJECT_REASONS, Reason
 from fastgate.tasks import cancel_and_wait
 
@@ -844,3 +845,9 @@ def multiprocess_ready(path: str | os.PathLike[str], providers: Iterable[str]) -
         for sample in metric.samples:
             lowest[sample.labels["provider"]] = sample.value
     return {p: lowest.get(p, 0.0) > 0 for p in providers}
+
+
+def metrics_for(config: GatewayConfig) -> Metrics:
+    """Metrics labelled with a gateway config's route, provider and upstream names."""
+    return Metrics(routes=[r.name for r in config.routes], providers=list(config.providers),
+                   upstreams=list(config.upstreams), enabled=config.metrics)

@@ -83,6 +83,7 @@ from fastgate.metrics import (
     Metrics,
     collect_multiprocess,
     mark_process_dead,
+    metrics_for,
     setup_multiprocess,
 )
 
@@ -197,11 +198,6 @@ def _ready_map(gateway: Gateway) -> dict[str, bool]:
     return {str(name): bool(src.ready) for name, src in gateway.tables.key_sources.items()}
 
 
-def _new_metrics(config: GatewayConfig) -> Metrics:
-    return Metrics(routes=[r.name for r in config.routes], providers=list(config.providers),
-                   upstreams=list(config.upstreams), enabled=config.metrics)
-
-
 def _stop_trigger(stopping: asyncio.Future[str], again: str) -> Callable[[str], None]:
     """A signal handler resolving `stopping` with the signal's name once; later ones are logged."""
 
@@ -265,7 +261,7 @@ class _Reloader:
 
 async def _serve_single(config: GatewayConfig) -> int:
     loop = asyncio.get_running_loop()
-    metrics = _new_metrics(config)
+    metrics = metrics_for(config)
     access = AccessLog(config.access_log, 0)
     try:
         gateway = Gateway.build(
@@ -894,7 +890,7 @@ class _Worker:
         loop = asyncio.get_running_loop()
         self._stopping = loop.create_future()
         config = self.config
-        metrics = _new_metrics(config)
+        metrics = metrics_for(config)
         access = AccessLog(config.access_log, self.index)
         try:
             gateway = Gateway.build(
