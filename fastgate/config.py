@@ -40,6 +40,17 @@ class Limits:
     max_token_bytes: int = 8192
     max_header_bytes: int = 16384
     max_body_bytes: int = 10 * 1024 * 1024
+    # Concurrent client connections per worker; past it a new connection gets one 503 and is
+    # closed (docs/operations.md).
+    max_connections: int = 10_000
+    max_requests_per_connection: int = 0  # 0 = unlimited (RFC 9112 §9.6 close after N)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    header: float = 10.0  # the whole request head must arrive within this (slowloris)
+    keepalive: float = 75.0  # idle time between requests on a persistent connection
+    send: float = 30.0  # a client that takes none of its response for this long is cut off
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +203,8 @@ class GatewayConfig:
     admin: Address | None = Address("127.0.0.1", 9901)
     workers: int = 1
     limits: Limits = field(default_factory=Limits)
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     cache: CacheConfig = field(default_factory=CacheConfig)
     upstreams: dict[str, UpstreamConfig] = field(default_factory=dict)
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
@@ -228,7 +241,7 @@ _RESERVED_HEADERS = HOP_BY_HOP | frozenset({
     "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
 })
 
-_TOP_KEYS = ("listen", "admin", "workers", "limits", "cache", "upstreams", "providers",
+_TOP_KEYS = ("listen", "admin", "workers", "limits", "timeouts", "trusted_proxies", "cache", "upstreams", "providers",
              "api_keys", "routes", "access_log", "metrics", "drain_timeout")
 _PROVIDER_KEYS = ("issuer", *_KEY_SOURCES, "audiences", "algorithms", "clock_skew", "require",
                   "max_lifetime", "jwks_cache", "token_from")
@@ -578,6 +591,23 @@ class _Walker:
             out.append(s)
         return tuple(out)
 
+    def networks(self, value: Any, path: str
+                 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        """CIDR networks (or single addresses) of trusted proxies."""
+        if not isinstance(value, list):
+            self.err(path, f"must be a list of networks, got {_kind(value)}")
+            return ()
+        out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                self.err(f"{path}[{i}]", f"must be a network like 10.0.0.0/8, got {_kind(item)}")
+                continue
+            try:
+                out.append(ipaddress.ip_network(item, strict=True))
+            except ValueError as exc:
+                self.err(f"{path}[{i}]", f"invalid network {item!r}: {exc}")
+        return tuple(out)
+
     def address(self, value: Any, path: str) -> Address | None:
         if not isinstance(value, str):
             self.err(path, f"must be 'host:port', got {_kind(value)}")
@@ -651,8 +681,20 @@ class _Walker:
         workers = self.opt(m, "workers", "", d.workers, self.integer)
         limits = cache = access_log = None
         if "limits" in m and (lm := self.mapping(m["limits"], "limits", _field_names(Limits))):
-            limits = Limits(*(self.opt(lm, k, "limits", getattr(d.limits, k), self.integer, lo=1)
-                              for k in ("max_token_bytes", "max_header_bytes", "max_body_bytes")))
+            limits = Limits(
+                *(self.opt(lm, k, "limits", getattr(d.limits, k), self.integer, lo=1)
+                  for k in ("max_token_bytes", "max_header_bytes", "max_body_bytes",
+                            "max_connections")),
+                self.opt(lm, "max_requests_per_connection", "limits",
+                         d.limits.max_requests_per_connection, self.integer))
+        timeouts = d.timeouts
+        if "timeouts" in m and (tm := self.mapping(m["timeouts"], "timeouts",
+                                                   _field_names(Timeouts))):
+            timeouts = Timeouts(*(self.opt(tm, k, "timeouts", getattr(d.timeouts, k),
+                                           self.duration, positive=True)
+                                  for k in ("header", "keepalive", "send")))
+        trusted = self.networks(m["trusted_proxies"], "trusted_proxies") \
+            if "trusted_proxies" in m else ()
         if "cache" in m and (cm := self.mapping(m["cache"], "cache", ("max_entries",))):
             cache = CacheConfig(self.opt(cm, "max_entries", "cache", d.cache.max_entries,
                                          self.integer))
@@ -681,7 +723,8 @@ class _Walker:
         return GatewayConfig(
             listen=listen or d.listen, admin=admin,
             workers=workers,
-            limits=limits or d.limits, cache=cache or d.cache,
+            limits=limits or d.limits, timeouts=timeouts, trusted_proxies=trusted,
+            cache=cache or d.cache,
             upstreams=upstreams, providers=providers, api_keys=api_keys, routes=routes,
             access_log=access_log or d.access_log,
             metrics=self.opt(m, "metrics", "", d.metrics, self.boolean),
