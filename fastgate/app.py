@@ -33,6 +33,7 @@ from fastgate.config import GatewayConfig, ProviderConfig
 from fastgate.errors import ConfigError
 from fastgate.extract import TokenExtractor, dedupe_sources
 from fastgate.policy import Policy
+from fastgate.protocol import Server
 from fastgate.proxy import (
     HOP_BY_HOP,
     AccessLog,
@@ -42,6 +43,7 @@ from fastgate.proxy import (
     RouteRuntime,
     Tables,
 )
+from fastgate.relay import RelayConn
 from fastgate.responses import DEFAULT_REJECTS, build_rejects
 from fastgate.routes import RouteTable
 from fastgate.upstream import UpstreamPool
@@ -118,7 +120,8 @@ def compile_tables(
             pools[name] = previous.pools[name]
             continue
         try:
-            pools[name] = UpstreamPool(ucfg)
+            pools[name] = UpstreamPool(ucfg, conn_class=RelayConn,
+                                       max_head_bytes=config.limits.max_header_bytes)
         except ValueError as exc:
             errors.append(f"upstreams.{name}: {exc}")
 
@@ -164,6 +167,10 @@ def compile_tables(
         src.name.lower().replace("_", "-")
         for p in config.providers.values() for src in p.token_from if src.place == "header"
     }
+    # What the auth layer reads from a request (the header pass collects only these).
+    auth_headers = set(token_headers) | {"cookie", "origin", "access-control-request-method"}
+    if config.api_keys is not None and config.api_keys.header:
+        auth_headers.add(config.api_keys.header.lower())
     for name in sorted(reserved & token_headers):
         errors.append(f"header {name!r} is both a token source and an injected/API-key header")
 
@@ -262,6 +269,7 @@ def compile_tables(
         max_body_bytes=config.limits.max_body_bytes,
         max_header_bytes=config.limits.max_header_bytes,
         hooks=hooks,
+        auth_headers=frozenset(auth_headers),
     )
 
 
@@ -278,7 +286,7 @@ class Gateway:
         self.worker = worker
         self.metrics = metrics
         self.plane = DataPlane(tables, metrics=metrics, access_log=access_log)
-        self._http: Any = None  # aiohttp low-level Server (protocol factory)
+        self._http: Server | None = None  # the data plane's protocol factory
         self._server: asyncio.Server | None = None
         self._retiring: dict[asyncio.Task[None], Tables] = {}
         self._started_sources: set[int] = set()
@@ -324,7 +332,7 @@ class Gateway:
         loop = asyncio.get_running_loop()
         await self._start_sources(self.plane.tables.key_sources.values())
         config = self.config
-        self._http = self.plane.make_server(loop, max_header_bytes=config.limits.max_header_bytes)
+        self._http = Server(self.plane, loop)
         if sock is not None:
             self._server = await loop.create_server(self._http, sock=sock,
                                                     backlog=LISTEN_BACKLOG)
@@ -368,6 +376,8 @@ class Gateway:
                         upstreams=list(new_config.upstreams))
         _track_cache(self.metrics, new)
         self.plane.tables = new  # the atomic switch
+        if self._http is not None:
+            self._http.configure()  # new limits and timeouts for new connections
         task = asyncio.get_running_loop().create_task(
             self._retire(old, new, new_config.drain_timeout))
         self._retiring[task] = old
@@ -393,7 +403,7 @@ class Gateway:
         if self._http is not None:
             # close(): idle keep-alive connections end now, busy ones after their response;
             # then wait (bounded) for the handlers still running.
-            self._http.pre_shutdown()
+            self._http.close_idle()
             await self._http.shutdown(timeout)
 
     async def stop(self) -> None:

@@ -74,6 +74,8 @@ class UpstreamError(Exception):
 
     kind: ErrorKind
     status: int
+    #: A reused keep-alive connection closed before any response byte (RFC 9112 §9.3.1).
+    stale: bool = False
 
     def __init__(self, kind: ErrorKind, detail: str = "") -> None:
         self.kind = kind
@@ -527,7 +529,8 @@ class UpstreamPool:
     order (at most ``read_timeout``) for a connection to be released.
     """
 
-    def __init__(self, config: UpstreamConfig, *, idle_timeout: float = IDLE_TIMEOUT) -> None:
+    def __init__(self, config: UpstreamConfig, *, idle_timeout: float = IDLE_TIMEOUT,
+                 conn_class: type[_Conn] | None = None, max_head_bytes: int = 65536) -> None:
         url = urlsplit(config.url)
         if url.scheme != "http":
             raise ValueError(f"upstream {config.name!r}: only http:// URLs are supported")
@@ -553,6 +556,13 @@ class UpstreamPool:
         self._waiters: collections.deque[asyncio.Future[_Conn | None]] = collections.deque()
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
+        # The connection type (relay mode: fastgate.relay.RelayConn) and the cap on a
+        # response head it enforces while the head arrives.
+        self._conn_class: type[_Conn] = conn_class or _Conn
+        self.max_head_bytes = max_head_bytes
+        #: ``Host: ...\r\n`` as bytes (the relay writes request heads itself).
+        self.host_line = self._host_line.encode("ascii", "surrogateescape")
+        self.base = self._base.encode("utf-8", "surrogateescape")
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -563,6 +573,30 @@ class UpstreamPool:
     @property
     def idle_connections(self) -> int:
         return len(self._idle)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def take_idle(self) -> _Conn | None:
+        """A warm idle connection now (LIFO), or None: the caller then awaits ``acquire``."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.dead:
+                return conn
+        return None
+
+    async def acquire(self, fresh: bool = False) -> _Conn:
+        """A connection (idle, new, or the next released one; FIFO past max_connections).
+        Raises UpstreamError (connect failure, timeout, pool closed)."""
+        if self._closed:
+            raise UpstreamError("connect", "pool is closed")
+        return await self._acquire(fresh)
+
+    def release(self, conn: _Conn) -> None:
+        """Give a connection back (reused when its exchange ended cleanly, else closed)."""
+        self._release(conn)
 
     async def request(
         self,
@@ -769,7 +803,7 @@ class UpstreamPool:
     async def _connect(self) -> _Conn:
         """Open a connection for an already counted slot."""
         loop = asyncio.get_running_loop()
-        conn = _Conn(self, loop)
+        conn = self._conn_class(self, loop)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await loop.create_connection(lambda: conn, self._host, self._port)
