@@ -26,6 +26,7 @@ import asyncio
 import collections
 import ipaddress
 import logging
+import re
 from collections.abc import Mapping
 from time import perf_counter
 from typing import Any, Final, cast
@@ -90,6 +91,9 @@ _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CHUNK_END: Final = b"0\r\n\r\n"
 _CRLF: Final = b"\r\n"
 _SEP: Final = b": "
+# RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ] (reg-name, IPv4 or an IPv6
+# literal in brackets); a list, spaces or a userinfo part are not a Host.
+_HOST_RE: Final = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]*)?")
 
 # Timer states (one lazily re-armed timer per connection).
 _T_NONE: Final = 0
@@ -461,7 +465,6 @@ class ClientProtocol(asyncio.Protocol):
         if self.discard:
             raise _Stop()
         self.cur = Exchange(self)
-        self.head_bytes = 0
         self.in_head = True
         if self.active is None:
             self.arm(_T_HEAD, self.server.header_timeout)
@@ -491,6 +494,7 @@ class ClientProtocol(asyncio.Protocol):
         if server.max_requests and self.requests >= server.max_requests:
             ex.keep_alive = False  # RFC 9112 §9.6: the last response says close
         self.in_head = False
+        self.head_bytes = 0
         if ex.upgrade:
             ex.keep_alive = False  # after an upgrade no more HTTP is read here
         if self.active is None:
@@ -523,6 +527,7 @@ class ClientProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.cur
         self.cur = None
+        self.head_bytes = 0
         if ex is None or ex.state == _DONE:
             return
         ex.complete = True
@@ -575,6 +580,7 @@ class ClientProtocol(asyncio.Protocol):
         actions = t.header_actions
         fwd: list[tuple[bytes, bytes]] = []
         listed: list[bytes] | None = None
+        bad_framing = False
         auth_headers = RequestHeaders()
         ex.auth_headers = auth_headers
         for name, value in ex.raw_headers:
@@ -594,7 +600,11 @@ class ClientProtocol(asyncio.Protocol):
             elif action == A_LENGTH:
                 ex.content_length = int(value)  # llhttp validated it (RFC 9112 §6.3)
             elif action == A_TE:
-                ex.chunked_in = True  # llhttp accepted it: chunked is the final coding
+                # RFC 9112 §6.3 rule 4: in a request, chunked must be the final coding, else
+                # the length cannot be determined: 400 and close.
+                ex.chunked_in = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+                if not ex.chunked_in:
+                    bad_framing = True
             elif action == A_XFF:
                 ex.client_xff = value if ex.client_xff is None else ex.client_xff + b", " + value
             elif action == A_XFP:
@@ -614,7 +624,11 @@ class ClientProtocol(asyncio.Protocol):
             # A_DROP: hop-by-hop or reserved
         if not ex.chunked_in and ex.content_length <= 0:
             ex.complete = True  # no body: the message ends with its head
-        if ex.hosts != 1 and not (ex.hosts == 0 and ex.http10):
+        if bad_framing:
+            self.reply(ex, _W_BAD_REQUEST, close=True)
+            return
+        if (ex.hosts != 1 and not (ex.hosts == 0 and ex.http10)) or \
+                (ex.host is not None and not _HOST_RE.fullmatch(ex.host)):
             # RFC 9112 §3.2: a server MUST respond 400 to an HTTP/1.1 request without Host or
             # with more than one.
             self.reply(ex, _W_BAD_REQUEST, close=True)

@@ -115,8 +115,7 @@ class RelayConn(_Conn):
             self.close()
             return
         self.got_bytes = True
-        if self.phase == _HEAD:
-            self.head_bytes += len(data)
+        arrived = len(data) if self.phase == _HEAD else 0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -130,7 +129,10 @@ class RelayConn(_Conn):
             cause = exc.__context__
             self._fail(cause if isinstance(cause, UpstreamError)
                        else UpstreamError("protocol", f"malformed response: {exc}"))
-        if self.phase == _HEAD and self.head_bytes > self.head_limit and not self.dead:
+        if self.phase == _HEAD and not self.dead and \
+                self.head_bytes + arrived > self.head_limit:
+            # Still no complete head, and already over the cap: an unfinished head must not
+            # hold memory either.
             self._fail(UpstreamError("protocol", "response head over the size limit"))
         sink = self.sink
         if sink is None:
@@ -191,12 +193,14 @@ class RelayConn(_Conn):
             raise UpstreamError("protocol", "bytes after the end of the response")
         self.reason_buf = b""
         self.raw_headers = []
+        self.head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self.reason_buf += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
+        self.head_bytes += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
         if self.phase != _HEAD:
@@ -204,6 +208,8 @@ class RelayConn(_Conn):
         status: int = self.parser.get_status_code()
         sink = self.sink
         assert sink is not None
+        if self.head_bytes > self.head_limit:
+            raise UpstreamError("protocol", "response head over the size limit")
         if status < 200:
             if status == 101 and sink.upgrade:
                 self._upgrade(sink)

@@ -61,14 +61,16 @@ def path_is_ambiguous(path: str) -> bool:
 
 
 def host_without_port(host: str) -> str:
-    """``Example.COM:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``."""
+    """``Example.COM:8080`` -> ``example.com``; ``[::1]:80`` -> ``[::1]``; a trailing dot
+    (the absolute form of a DNS name, RFC 1034 §3.1) is dropped: ``secure.test.`` names the
+    same host as ``secure.test``, so it cannot skip that host's route."""
     if host.startswith("["):
         end = host.find("]")
         return host[: end + 1].lower() if end != -1 else host.lower()
     colon = host.find(":")
     if colon != -1:
         host = host[:colon]
-    return host.lower()
+    return host.rstrip(".").lower()
 
 
 class Route:
