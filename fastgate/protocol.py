@@ -33,12 +33,12 @@ from typing import Any, Final, cast
 
 import httptools
 
+from fastgate.extract import strip_query_param
 from fastgate.flow import HIGH_WATER, PEER_BUSY, PENDING, QUEUED, ReadGate
 from fastgate.proxy import (
     A_AUTH,
     A_AUTH_DROP,
     A_CONNECTION,
-    A_DROP,
     A_EXPECT,
     A_HOST,
     A_LENGTH,
@@ -63,12 +63,10 @@ from fastgate.responses import (
     PAYLOAD_TOO_LARGE,
     REQUEST_TIMEOUT,
     SERVICE_UNAVAILABLE,
-    Canned,
 )
 from fastgate.routes import path_is_ambiguous
 from fastgate.upstream import UpstreamError
-from fastgate.wire import Wire, connection_line, date_line
-from fastgate.extract import strip_query_param
+from fastgate.wire import Wire, connection_line
 
 log = logging.getLogger("fastgate.protocol")
 
@@ -992,7 +990,7 @@ class ClientProtocol(asyncio.Protocol):
             return
         self.timer_kind = _T_NONE
         ex = self.active
-        if kind == _T_IDLE or kind == _T_TUNNEL:
+        if kind in (_T_IDLE, _T_TUNNEL):
             self.transport.close()  # RFC 9112 §9.8: an idle connection may be closed
         elif kind == _T_HEAD:
             # Slowloris: the head did not arrive in time.
