@@ -1,13 +1,16 @@
-"""Build the compiled hot path (fastgate/_verify.pyx); everything else lives in pyproject.toml."""
+"""Build the compiled hot path; everything else lives in pyproject.toml.
+
+fastgate/_verify.pyx: token parsing, checking and verification; fastgate/_http.pyx: the
+HTTP/1.1 data plane (client protocol and upstream relay), with fastgate/_flow.pyx (flow
+control, its declarations in _flow.pxd)."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
-    Extension(
-        "fastgate._verify",
-        ["fastgate/_verify.pyx"],
-    )
+    Extension("fastgate._verify", ["fastgate/_verify.pyx"]),
+    Extension("fastgate._flow", ["fastgate/_flow.pyx"]),
+    Extension("fastgate._http", ["fastgate/_http.pyx"]),
 ]
 
 setup(

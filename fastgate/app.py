@@ -27,6 +27,7 @@ import socket
 from collections.abc import Iterable
 from typing import Any
 
+from fastgate._http import RelayConn
 from fastgate._verify import IssuerSet, TokenCache, Verifier
 from fastgate.apikeys import ApiKeyCheck, ApiKeyTable
 from fastgate.config import GatewayConfig, ProviderConfig
@@ -43,7 +44,6 @@ from fastgate.proxy import (
     RouteRuntime,
     Tables,
 )
-from fastgate.relay import RelayConn
 from fastgate.responses import DEFAULT_REJECTS, build_rejects
 from fastgate.routes import RouteTable
 from fastgate.upstream import UpstreamPool
