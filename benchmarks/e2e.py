@@ -1,24 +1,41 @@
 """End-to-end gateway benchmark on loopback: fastgate vs HAProxy 2.6 jwt_verify vs a naive
-aiohttp+PyJWT proxy, all in front of the same nginx upstream, plus nginx direct.
+aiohttp+PyJWT proxy, all in front of the same nginx upstream, plus nginx direct; req/s, p99
+and each target's own CPU time per request, over interleaved rounds with an A/A noise floor.
 
-    python benchmarks/e2e.py                              # everything, 10 s per run
-    python benchmarks/e2e.py --targets direct,haproxy,naive --workloads W1 --duration 5
-    python benchmarks/e2e.py --json benchmarks/out/e2e.json
+    python benchmarks/e2e.py --quick                      # smoke check, < 2 minutes
+    python benchmarks/e2e.py --json benchmarks/out/e2e.json   # the full run (5 rounds x 8 s)
+    python benchmarks/e2e.py --targets fastgate,haproxy --workloads W1,W2 --rounds 3
 
 Workloads (RS256, one key):
-  W1  1,000 valid tokens, reused (a gateway's steady state: clients keep their token)
-  W2  20,000 distinct valid tokens (high cardinality; every token is new in the first pass)
-  W3  1,000 tokens with bad signatures (all must be rejected with 401)
+  W1    1,000 valid tokens, reused: a gateway's steady state, its token cache hits
+  W2    20,000 distinct valid tokens cycled: every request is a full verify. fastgate runs W2
+        in its own gateway process with `cache: {max_entries: 1000}` (--w2-cache), and each
+        run continues the previous run's cycle (benchmarks/wrk/cycle.lua, WRK_OFFSET), so a
+        token comes back only after 20,000 others and the LRU never hits; the report prints
+        the gateway's cache-hit count over the measured runs from its /metrics (must be 0).
+  W3    1,000 tokens with bad signatures, replayed (every request must get 401)
+  open  no token: fastgate's `auth: none` route (/open/) vs HAProxy plain proxying (a second
+        frontend in the same HAProxy process, no JWT rules)
 
-Each target x workload is one wrk run (`-t1 -cC -dDs --latency`, tokens cycled by
-benchmarks/wrk/tokens.lua). Before measuring, every target is warmed up with W1 tokens and
-sanity-checked (W1/W2 tokens must get 200, W3 tokens 401). On a 2-core machine, wrk and
-nginx share CPU 0 and the target under test gets CPU 1 (for `direct`, nginx itself is the
-target and runs on CPU 1); the pinning used is printed with the results.
+Method. Every target process is started once and they run side by side, each alone on the
+target CPU (idle ones cost nothing measurable); wrk (-t1 -c64 by default) and the nginx
+upstream share the load CPU. On a 2-core machine: wrk and nginx on CPU 0, every gateway on
+CPU 1 (`direct` is a second nginx on CPU 1). Each (target, workload) is a unit; a round
+measures every unit once, in an order rotated every round, so slow drifts of a shared machine
+hit all of them alike. For each run: wrk's req/s and latency percentiles, the target's CPU
+time (utime+stime of its process tree from /proc/PID/stat) over the run divided by the
+requests wrk completed, the share of CPU 1 that the target used and that other work used, and
+for fastgate its /metrics deltas (token-cache hits and misses, verify histogram sum/count).
+Reported: the median of rounds per unit, the issue's ratios as medians of paired per-round
+ratios, and an A/A control: a second, identical gateway process (fastgate, and HAProxy in the
+full run) measured in every round; its ratio to the first is the smallest difference this
+method can tell from zero (the "noise floor" printed beside every goal).
 
-Everything listens on 127.0.0.1; each run is bounded in time; every child process is killed
-at the end (also on Ctrl-C). Outputs go to benchmarks/out/ (git-ignored): e2e-latest.md and,
-with --json, the raw numbers.
+Before measuring, every unit is sanity-checked (W1/W2/open must get 200, W3 401) and warmed up.
+Everything listens on 127.0.0.1; runs are bounded by --rounds and --duration (an estimate of
+the total is printed first); every child process is killed at the end (also on Ctrl-C or
+SIGTERM). Outputs go to benchmarks/out/ (git-ignored): e2e-latest.md and, with --json, the raw
+numbers (the input of benchmarks/report.py).
 """
 
 from __future__ import annotations
@@ -33,13 +50,16 @@ import json
 import os
 import platform
 import re
+import resource
 import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,22 +71,33 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PEERS = HERE / "peers"
-WRK_SCRIPT = HERE / "wrk" / "tokens.lua"
+WRK_SCRIPT = HERE / "wrk" / "cycle.lua"
 DEFAULT_OUT = HERE / "out"
 
 ISSUER = "https://idp.bench.test/"
 AUDIENCE = "api://bench"
 KID = "bench-rs256"
 PATH = "/api/bench"
+OPEN_PATH = "/open/bench"  # fastgate's `auth: none` route (e2e configs only)
 TOKEN_TTL = 12 * 3600  # tokens are re-minted when less than TOKEN_MIN_LEFT remains
 TOKEN_MIN_LEFT = 2 * 3600
 
-WORKLOADS = {
+WORKLOADS = {  # the token sets: name -> (file, count, description, expected status)
     "W1": ("w1.txt", 1_000, "1,000 valid tokens reused", 200),
-    "W2": ("w2.txt", 20_000, "20,000 distinct valid tokens", 200),
-    "W3": ("w3.txt", 1_000, "1,000 tokens with bad signatures", 401),
+    "W2": ("w2.txt", 20_000, "20,000 distinct valid tokens, every request a full verify", 200),
+    "W3": ("w3.txt", 1_000, "1,000 tokens with bad signatures, replayed", 401),
 }
+OPEN = "open"
+OPEN_DESC = "no token: fastgate `auth: none` route vs HAProxy plain proxying"
+ALL_WORKLOADS = (*WORKLOADS, OPEN)
 TARGETS = ("direct", "fastgate", "haproxy", "naive")
+LOAD_BOUND = 0.9  # a target using less of its CPU than this was not the bottleneck
+AA = "~aa"  # suffix of an A/A control's target name: "fastgate~aa" is a second fastgate
+
+PRESETS = {  # --quick and the full run; explicit flags override
+    "full": {"rounds": 5, "duration": 8.0, "warmup": 2.0, "controls": "fastgate:W1,haproxy:W1"},
+    "quick": {"rounds": 3, "duration": 2.0, "warmup": 1.0, "controls": "fastgate:W1"},
+}
 
 
 def log(msg: str) -> None:
@@ -171,8 +202,8 @@ class Pinning:
     def describe(self) -> str:
         if self.load_cpu is None:
             return "no CPU pinning (taskset unavailable, --no-pin, or fewer than 2 CPUs)"
-        return (f"wrk and nginx on CPU {self.load_cpu}; the target under test on CPU "
-                f"{self.target_cpu} (for `direct`, nginx is the target: CPU {self.target_cpu})")
+        return (f"wrk + nginx upstream on CPU {self.load_cpu}; each target alone on CPU "
+                f"{self.target_cpu} (direct: a 2nd nginx)")
 
 
 def choose_pinning(no_pin: bool) -> Pinning:
@@ -277,80 +308,52 @@ class Env:
     pubkey: Path
     jwks: Path
     fastgate_cmd: str
+    upstream: subprocess.Popen[bytes] | None = None  # the nginx upstream, once started
 
 
-def start_nginx(env: Env, cpu: str | None) -> subprocess.Popen[bytes]:
+def start_nginx(env: Env, cpu: str | None, *, port: int | None = None,
+                name: str = "nginx") -> subprocess.Popen[bytes]:
+    """The upstream (default: env.nginx_port, files in run_dir), or another nginx serving the
+    same reply (``direct``) on ``port`` with its files under run_dir/name."""
+    base = env.run_dir if name == "nginx" else env.run_dir / name
+    base.mkdir(exist_ok=True)
     for d in ("nginx-client-body", "nginx-proxy", "nginx-fastcgi", "nginx-uwsgi", "nginx-scgi"):
-        (env.run_dir / d).mkdir(exist_ok=True)
-    conf = render(PEERS / "nginx.conf", env.run_dir / "nginx.conf",
-                  RUN_DIR=str(env.run_dir), NGINX_PORT=str(env.nginx_port))
-    proc = env.procs.start("nginx", [*env.pin.prefix(cpu), "nginx", "-c", str(conf),
-                                     "-p", str(env.run_dir)],
-                           env.run_dir / "nginx.log")
-    why = wait_http(env.nginx_port, proc, 10)
+        (base / d).mkdir(exist_ok=True)
+    port = env.nginx_port if port is None else port
+    conf = render(PEERS / "nginx.conf", base / "nginx.conf", RUN_DIR=str(base),
+                  NGINX_PORT=str(port))
+    proc = env.procs.start(name, [*env.pin.prefix(cpu), "nginx", "-c", str(conf),
+                                  "-p", str(base)], base / "nginx.log")
+    why = wait_http(port, proc, 10)
     if why:
-        raise RuntimeError(f"nginx {why}:\n{tail(env.run_dir / 'nginx-error.log')}")
+        raise RuntimeError(f"{name} {why}:\n{tail(base / 'nginx-error.log')}")
+    if name == "nginx":
+        env.upstream = proc
     return proc
-
-
-def start_target(env: Env, target: str) -> tuple[subprocess.Popen[bytes] | None, int, str]:
-    """Start one target; returns (process, port, description). Raises SkipTarget."""
-    cpu = env.pin.target_cpu
-    if target == "direct":
-        return None, env.nginx_port, "nginx direct"
-    port = free_port()
-    logp = env.run_dir / f"{target}.log"
-    if target == "haproxy":
-        if shutil.which("haproxy") is None:
-            raise SkipTarget("haproxy is not installed")
-        cfg = render(PEERS / "haproxy.cfg", env.run_dir / "haproxy.cfg", PORT=str(port),
-                     NGINX_PORT=str(env.nginx_port), PUBKEY=str(env.pubkey), ISSUER=ISSUER,
-                     AUDIENCE=AUDIENCE)
-        check = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True,
-                               timeout=30)
-        if check.returncode != 0:
-            raise SkipTarget(f"haproxy rejected its config: {check.stderr.decode()[-500:]}")
-        argv = [*env.pin.prefix(cpu), "haproxy", "-f", str(cfg), "-db"]
-        desc = "HAProxy 2.6 jwt_verify, nbthread 1"
-        proc = env.procs.start(target, argv, logp)
-    elif target == "naive":
-        argv = [*env.pin.prefix(cpu), sys.executable, str(PEERS / "naive_proxy.py"),
-                "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{env.nginx_port}",
-                "--pubkey", str(env.pubkey), "--issuer", ISSUER, "--audience", AUDIENCE]
-        desc = "aiohttp + uvloop + PyJWT + ClientSession"
-        proc = env.procs.start(target, argv, logp)
-    elif target == "fastgate":
-        cfg_path = write_fastgate_config(env, port)
-        cmd = env.fastgate_cmd.format(config=shlex.quote(str(cfg_path)),
-                                      python=shlex.quote(sys.executable))
-        argv = [*env.pin.prefix(cpu), *shlex.split(cmd)]
-        if shutil.which(argv[len(env.pin.prefix(cpu))]) is None:
-            raise SkipTarget(f"command not found: {argv[len(env.pin.prefix(cpu))]}")
-        penv = dict(os.environ)
-        penv["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), penv.get("PYTHONPATH")]))
-        desc = "fastgate, workers: 1"
-        proc = env.procs.start(target, argv, logp, env=penv, cwd=REPO)
-    else:  # pragma: no cover - argparse restricts the names
-        raise SkipTarget(f"unknown target {target}")
-    why = wait_http(port, proc, 30)
-    if why:
-        env.procs.stop(proc)
-        lines = tail(logp).splitlines()
-        last = lines[-1].strip() if lines else "(no output)"
-        log(f"{target} log tail ({logp}):\n" + "\n".join(lines))
-        raise SkipTarget(f"{target} {why}: {last}")
-    return proc, port, desc
 
 
 class SkipTarget(Exception):
     pass
 
 
-def write_fastgate_config(env: Env, port: int) -> Path:
-    """SPEC §2 config: one provider (jwks_file), one route injecting X-User-Id from `sub`."""
-    config = {
+def write_fastgate_config(env: Env, port: int, *, admin_port: int | None = None,
+                          cache_entries: int | None = None, open_route: bool = False,
+                          name: str = "fastgate") -> Path:
+    """SPEC §2 config: one provider (jwks_file), one route injecting X-User-Id from `sub`.
+
+    ``open_route`` (the e2e gateways): the JWT route matches /api/ and an `auth: none` route
+    /open/ follows it; ``cache_entries`` sets ``cache.max_entries`` (default: SPEC's)."""
+    bench: dict[str, Any] = {
+        "name": "bench", "match": {"path_prefix": "/"}, "upstream": "nginx",
+        "auth": {"providers": ["bench"], "claim_headers": {"X-User-Id": "sub"}}}
+    routes = [bench]
+    if open_route:
+        bench["match"] = {"path_prefix": "/api/"}
+        routes.append({"name": "open", "match": {"path_prefix": "/open/"}, "upstream": "nginx",
+                       "auth": "none"})
+    config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
-        "admin": f"127.0.0.1:{free_port()}",
+        "admin": f"127.0.0.1:{admin_port or free_port()}",
         "workers": 1,
         "metrics": True,
         "access_log": {"enabled": False},
@@ -358,43 +361,174 @@ def write_fastgate_config(env: Env, port: int) -> Path:
                                 "connect_timeout": "2s", "read_timeout": "30s"}},
         "providers": {"bench": {"issuer": ISSUER, "jwks_file": str(env.jwks),
                                 "audiences": [AUDIENCE], "algorithms": ["RS256"]}},
-        "routes": [{"name": "bench", "match": {"path_prefix": "/"}, "upstream": "nginx",
-                    "auth": {"providers": ["bench"], "claim_headers": {"X-User-Id": "sub"}}}],
+        "routes": routes,
     }
-    path = env.run_dir / "fastgate.yaml"
+    if cache_entries is not None:
+        config["cache"] = {"max_entries": cache_entries}
+    path = env.run_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-# ---------------------------------------------------------------------------------------------
-# Measuring
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclass
-class RunResult:
-    target: str
-    workload: str
-    rps: float = 0.0
-    p50_ms: float = 0.0
-    p99_ms: float = 0.0
-    requests: int = 0
-    non2xx: int = 0
-    socket_errors: int = 0
-    expected_status: int = 200
-    sample_statuses: dict[str, int] = field(default_factory=dict)
-    anomalies: list[str] = field(default_factory=list)
-    skipped: str | None = None
+class Instance:
+    """One running target process (or process tree, for nginx)."""
+    name: str  # unique: fastgate, fastgate-w2, fastgate~aa, haproxy, ...
+    target: str  # direct | fastgate | haproxy | naive
+    desc: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    open_port: int | None = None  # where the `open` workload goes (HAProxy: its plain frontend)
+    admin_port: int | None = None  # fastgate's /metrics
 
 
-def sample_statuses(port: int, tokens: Path, n: int = 20) -> dict[str, int]:
-    """A few requests over one keep-alive connection: exact status codes (wrk only counts)."""
+def start_instance(env: Env, target: str, name: str, *, cache_entries: int | None = None,
+                   ) -> Instance:
+    """Start one target process on the target CPU. Raises SkipTarget."""
+    cpu = env.pin.target_cpu
+    port = free_port()
+    logp = env.run_dir / f"{name}.log"
+    open_port: int | None = None
+    admin_port: int | None = None
+    if target == "direct":
+        proc = start_nginx(env, cpu, port=port, name=name)
+        return Instance(name, target, "nginx direct (no proxy, token ignored)", proc, port)
+    if target == "haproxy":
+        if shutil.which("haproxy") is None:
+            raise SkipTarget("haproxy is not installed")
+        open_port = free_port()
+        cfg = render(PEERS / "haproxy.cfg", env.run_dir / f"{name}.cfg", PORT=str(port),
+                     NGINX_PORT=str(env.nginx_port), PUBKEY=str(env.pubkey), ISSUER=ISSUER,
+                     AUDIENCE=AUDIENCE)
+        # The `open` workload's peer: plain proxying, same process, same backend and pool.
+        with open(cfg, "a") as f:
+            f.write(f"\n# Added by e2e.py: HAProxy plain proxying (no JWT), the peer of an\n"
+                    f"# `auth: none` route.\nfrontend fe_plain\n    bind 127.0.0.1:{open_port}\n"
+                    f"    default_backend be_nginx\n")
+        check = subprocess.run(["haproxy", "-c", "-q", "-f", str(cfg)], capture_output=True,
+                               timeout=30)
+        if check.returncode != 0:
+            raise SkipTarget(f"haproxy rejected its config: {check.stderr.decode()[-500:]}")
+        argv = [*env.pin.prefix(cpu), "haproxy", "-f", str(cfg), "-db"]
+        desc = "HAProxy 2.6 jwt_verify, nbthread 1 (`open`: a plain frontend, same process)"
+        proc = env.procs.start(name, argv, logp)
+    elif target == "naive":
+        argv = [*env.pin.prefix(cpu), sys.executable, str(PEERS / "naive_proxy.py"),
+                "--listen", f"127.0.0.1:{port}", "--upstream", f"http://127.0.0.1:{env.nginx_port}",
+                "--pubkey", str(env.pubkey), "--issuer", ISSUER, "--audience", AUDIENCE]
+        desc = "aiohttp + uvloop + PyJWT + ClientSession"
+        proc = env.procs.start(name, argv, logp)
+    elif target == "fastgate":
+        admin_port = free_port()
+        cfg_path = write_fastgate_config(env, port, admin_port=admin_port,
+                                         cache_entries=cache_entries, open_route=True,
+                                         name=name.replace("~", "-"))
+        cmd = env.fastgate_cmd.format(config=shlex.quote(str(cfg_path)),
+                                      python=shlex.quote(sys.executable))
+        argv = [*env.pin.prefix(cpu), *shlex.split(cmd)]
+        if shutil.which(argv[len(env.pin.prefix(cpu))]) is None:
+            raise SkipTarget(f"command not found: {argv[len(env.pin.prefix(cpu))]}")
+        penv = dict(os.environ)
+        penv["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), penv.get("PYTHONPATH")]))
+        desc = ("fastgate, workers: 1, metrics on, access log off, cache "
+                + (f"max_entries {cache_entries}" if cache_entries else "default (100,000)"))
+        proc = env.procs.start(name, argv, logp, env=penv, cwd=REPO)
+    else:  # pragma: no cover - argparse restricts the names
+        raise SkipTarget(f"unknown target {target}")
+    for p in filter(None, (port, open_port, admin_port)):
+        why = wait_http(p, proc, 30)
+        if why:
+            env.procs.stop(proc)
+            lines = tail(logp).splitlines()
+            last = lines[-1].strip() if lines else "(no output)"
+            log(f"{name} log tail ({logp}):\n" + "\n".join(lines))
+            raise SkipTarget(f"{name} {why}: {last}")
+    return Instance(name, target, desc, proc, port, open_port, admin_port)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: CPU from /proc, fastgate's /metrics, wrk
+# ---------------------------------------------------------------------------------------------
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and its descendants (nginx's master and worker; fastgate's workers if any)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def cpu_ticks(pids: list[int]) -> dict[int, tuple[int, int]]:
+    """(utime, stime) (all threads) of each live pid, in clock ticks."""
+    ticks = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks[pid] = (int(fields[11]), int(fields[12]))  # fields 14 and 15 of stat
+    return ticks
+
+
+def cpu_busy_ticks(cpu: str | None) -> tuple[int, int]:
+    """(busy, total) clock ticks of one CPU since boot, from /proc/stat (None: all CPUs)."""
+    name = "cpu" if cpu is None else f"cpu{cpu}"
+    for line in Path("/proc/stat").read_text().splitlines():
+        parts = line.split()
+        if parts and parts[0] == name:
+            vals = [int(v) for v in parts[1:9]]  # user nice system idle iowait irq softirq steal
+            idle = vals[3] + vals[4]
+            return sum(vals) - idle, sum(vals)
+    return 0, 0
+
+
+_SAMPLE = re.compile(r"^([A-Za-z_:][\w:]*)(\{[^}]*\})?\s+(\S+)")
+
+
+def scrape(admin_port: int | None) -> dict[str, float]:
+    """The few fastgate series the report uses, from the admin /metrics (summed over workers)."""
+    if admin_port is None:
+        return {}
+    want = {"hits": 0.0, "misses": 0.0, "verify_sum": 0.0, "verify_count": 0.0}
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        if name == "fastgate_token_cache_lookups_total":
+            if 'result="hit"' in labels:
+                want["hits"] += value
+            elif 'result="miss"' in labels:
+                want["misses"] += value
+        elif name == "fastgate_verify_duration_seconds_sum":
+            want["verify_sum"] += value
+        elif name == "fastgate_verify_duration_seconds_count":
+            want["verify_count"] += value
+    return want
+
+
+def sample_statuses(port: int, tokens: Path | None, n: int = 20, path: str = PATH
+                    ) -> dict[str, int]:
+    """A few requests over one keep-alive connection: exact status codes (wrk only counts).
+    ``tokens`` None: requests without Authorization."""
     counts: dict[str, int] = {}
-    lines = [t for t in tokens.read_text().splitlines() if t][:n]
+    lines: list[str | None] = [None] * n if tokens is None else \
+        [t for t in tokens.read_text().splitlines() if t][:n]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         for tok in lines:
-            conn.request("GET", PATH, headers={"Authorization": f"Bearer {tok}"})
+            conn.request("GET", path, headers={} if tok is None
+                         else {"Authorization": f"Bearer {tok}"})
             resp = conn.getresponse()
             resp.read()
             counts[str(resp.status)] = counts.get(str(resp.status), 0) + 1
@@ -406,14 +540,18 @@ def sample_statuses(port: int, tokens: Path, n: int = 20) -> dict[str, int]:
     return counts
 
 
-def run_wrk(args: argparse.Namespace, env: Env, port: int, tokens: Path, seconds: float,
-            tag: str) -> dict[str, Any]:
+def run_wrk(args: argparse.Namespace, env: Env, port: int, tokens: Path | None, seconds: float,
+            tag: str, *, path: str = PATH, offset: int = 0) -> dict[str, Any]:
+    """One wrk run (benchmarks/wrk/cycle.lua) on the load CPU; its JSON summary.
+    ``tokens`` None: no Authorization header; ``offset``: index of the first token."""
     result_path = env.run_dir / f"wrk-{tag}.json"
     result_path.unlink(missing_ok=True)
-    wenv = dict(os.environ, WRK_TOKENS=str(tokens), WRK_PATH=PATH, WRK_RESULT=str(result_path))
+    wenv = dict(os.environ, WRK_TOKENS=str(tokens) if tokens else "", WRK_PATH=path,
+                WRK_RESULT=str(result_path), WRK_OFFSET=str(offset),
+                WRK_THREADS=str(args.threads))
     argv = [*env.pin.prefix(env.pin.load_cpu), "wrk", f"-t{args.threads}",
             f"-c{args.connections}", f"-d{max(1, round(seconds))}s", "--latency",
-            "--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{PATH}"]
+            "--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{path}"]
     out = subprocess.run(argv, env=wenv, capture_output=True, timeout=seconds + 60)
     (env.run_dir / f"wrk-{tag}.txt").write_bytes(out.stdout + out.stderr)
     if out.returncode != 0 or not result_path.exists():
@@ -422,122 +560,355 @@ def run_wrk(args: argparse.Namespace, env: Env, port: int, tokens: Path, seconds
     return data
 
 
-def measure(args: argparse.Namespace, env: Env, target: str, port: int,
-            tokens: dict[str, Path]) -> list[RunResult]:
-    results = []
-    if args.warmup > 0:
-        log(f"{target}: warm-up {args.warmup:g}s with W1 tokens")
-        run_wrk(args, env, port, tokens["W1"], args.warmup, f"{target}-warmup")
-    # nginx ignores the token, so one workload is enough for the `direct` reference.
-    workloads = args.workloads[:1] if target == "direct" else args.workloads
-    for w in workloads:
-        expected = WORKLOADS[w][3]
-        res = RunResult(target, w, expected_status=expected)
-        if target != "direct":
-            res.sample_statuses = sample_statuses(port, tokens[w])
-            if set(res.sample_statuses) != {str(expected)}:
-                res.anomalies.append(f"sample statuses {res.sample_statuses}, "
-                                     f"expected all {expected}")
-        log(f"{target} {w}: wrk {args.duration:g}s")
-        data = run_wrk(args, env, port, tokens[w], args.duration, f"{target}-{w}")
-        res.requests = int(data["requests"])
-        res.rps = res.requests / (data["duration_us"] / 1e6)
-        res.p50_ms = data["latency_us"]["p50"] / 1000
-        res.p99_ms = data["latency_us"]["p99"] / 1000
-        errs = data["errors"]
-        res.non2xx = int(errs["status"])  # wrk counts status >= 400
-        res.socket_errors = sum(int(errs[k]) for k in ("connect", "read", "write", "timeout"))
-        if target != "direct":
-            if expected == 200 and res.non2xx:
-                res.anomalies.append(f"{res.non2xx} non-2xx responses")
-            if expected != 200 and res.non2xx != res.requests:
-                res.anomalies.append(f"{res.requests - res.non2xx} of {res.requests} "
-                                     f"bad-signature requests were NOT rejected")
-        if res.socket_errors:
-            res.anomalies.append(f"{res.socket_errors} socket errors {errs}")
-        log(f"{target} {w}: {res.rps:,.0f} req/s p50 {res.p50_ms:.2f} ms "
-            f"p99 {res.p99_ms:.2f} ms{' ANOMALY' if res.anomalies else ''}")
-        results.append(res)
-    return results
+@dataclass
+class Unit:
+    """One (target, workload) measured every round, on one instance."""
+    target: str  # the reported name: fastgate, haproxy, ..., or fastgate~aa (a control)
+    workload: str
+    inst: Instance
+    tokens: Path | None
+    path: str
+    expected: int
+    cursor: int = 0  # where the next wrk run starts in the token list
+
+    @property
+    def port(self) -> int:
+        if self.workload == OPEN and self.inst.open_port is not None:
+            return self.inst.open_port
+        return self.inst.port
+
+
+@dataclass
+class RunResult:
+    target: str
+    workload: str
+    # Medians over the rounds (the keys report.py reads), totals for the counts.
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    requests: int = 0
+    non2xx: int = 0
+    socket_errors: int = 0
+    expected_status: int = 200
+    sample_statuses: dict[str, int] = field(default_factory=dict)
+    anomalies: list[str] = field(default_factory=list)
+    skipped: str | None = None
+    instance: str = ""
+    cpu_us: float = 0.0  # the target's CPU µs per request (median of rounds)
+    sys_us: float = 0.0  # of which in the kernel (stime; median of rounds)
+    cpu_load: float = 0.0  # share of the target CPU the target used during a run (median)
+    other_load: float = 0.0  # share of the target CPU used by anything else (median)
+    load_other: float = 0.0  # share of the load CPU used by neither wrk nor the upstream
+    cache_hits: int | None = None  # fastgate: token-cache lookups over the measured runs
+    cache_misses: int | None = None
+    verify_us_per_miss: float | None = None  # fastgate: verify histogram sum/count, runs
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def series(self, key: str) -> list[float]:
+        return [float(r[key]) for r in self.rounds]
+
+
+def measure_unit(args: argparse.Namespace, env: Env, unit: Unit, res: RunResult,
+                 tag: str) -> None:
+    before = scrape(unit.inst.admin_port)
+    pids = proc_tree(unit.inst.proc.pid)  # taskset execs: the pid is the target's
+    up = proc_tree(env.upstream.pid) if env.upstream is not None else []
+    t0, b0 = cpu_ticks(pids), cpu_busy_ticks(env.pin.target_cpu)
+    u0, l0 = cpu_ticks(up), cpu_busy_ticks(env.pin.load_cpu)
+    k0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
+    data = run_wrk(args, env, unit.port, unit.tokens, args.duration, tag, path=unit.path,
+                   offset=unit.cursor)
+    t1, b1 = cpu_ticks(sorted(set(pids) | set(proc_tree(unit.inst.proc.pid)))), \
+        cpu_busy_ticks(env.pin.target_cpu)
+    u1, l1 = cpu_ticks(up), cpu_busy_ticks(env.pin.load_cpu)
+    k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    after = scrape(unit.inst.admin_port)
+    hz = os.sysconf("SC_CLK_TCK")
+    user = sum(t1[p][0] - t0.get(p, (0, 0))[0] for p in t1) / hz
+    system = sum(t1[p][1] - t0.get(p, (0, 0))[1] for p in t1) / hz
+    cpu = user + system
+    busy = (b1[0] - b0[0]) / hz  # /proc/stat counts in USER_HZ too
+    # The load CPU: what wrk and the upstream used, and what anything else did.
+    wrk_cpu = (k1.ru_utime + k1.ru_stime) - (k0.ru_utime + k0.ru_stime)
+    up_cpu = sum(sum(u1[p]) - sum(u0.get(p, (0, 0))) for p in u1) / hz
+    load_busy = (l1[0] - l0[0]) / hz
+    requests = int(data["requests"])
+    # Continue the cycle past every token sent (in-flight ones at the end included), so a
+    # cache never sees a token again before all the others.
+    if unit.tokens is not None:
+        unit.cursor += requests + 4 * args.connections
+    wall = data["duration_us"] / 1e6
+    errs = data["errors"]
+    rnd: dict[str, Any] = {
+        "rps": requests / wall, "p50_ms": data["latency_us"]["p50"] / 1000,
+        "p99_ms": data["latency_us"]["p99"] / 1000, "p999_ms": data["latency_us"]["p999"] / 1000,
+        "requests": requests, "non2xx": int(errs["status"]),
+        "socket_errors": sum(int(errs[k]) for k in ("connect", "read", "write", "timeout")),
+        "cpu_s": cpu, "cpu_us": cpu / requests * 1e6 if requests else 0.0,
+        "sys_us": system / requests * 1e6 if requests else 0.0,
+        "cpu_load": cpu / wall,
+        "other_load": max(0.0, busy - cpu) / wall if env.pin.target_cpu is not None else None,
+        "load_cpu_load": load_busy / wall if env.pin.load_cpu is not None else None,
+        "load_other": max(0.0, load_busy - wrk_cpu - up_cpu) / wall
+        if env.pin.load_cpu is not None and unit.target != "direct" else None,
+        "tag": tag,
+    }
+    if before and after:
+        rnd["cache_hits"] = int(after["hits"] - before["hits"])
+        rnd["cache_misses"] = int(after["misses"] - before["misses"])
+        n = after["verify_count"] - before["verify_count"]
+        rnd["verify_count"] = int(n)
+        rnd["verify_us"] = (after["verify_sum"] - before["verify_sum"]) / n * 1e6 if n else None
+    res.rounds.append(rnd)
+    if unit.expected == 200 and rnd["non2xx"]:
+        res.anomalies.append(f"{tag}: {rnd['non2xx']} non-2xx responses")
+    if unit.expected != 200 and unit.target != "direct" and rnd["non2xx"] != requests:
+        res.anomalies.append(f"{tag}: {requests - rnd['non2xx']} of {requests} bad-signature "
+                             f"requests were NOT rejected")
+    if rnd["socket_errors"]:
+        res.anomalies.append(f"{tag}: {rnd['socket_errors']} socket errors {errs}")
+    if unit.workload == "W2" and rnd.get("cache_hits"):
+        res.anomalies.append(f"{tag}: {rnd['cache_hits']} W2 cache hits (must be 0)")
+    extra = ""
+    if "cache_hits" in rnd:
+        extra = f", cache {rnd['cache_hits']} hit / {rnd['cache_misses']} miss"
+        if rnd.get("verify_us"):
+            extra += f", verify {rnd['verify_us']:.1f} µs/miss"
+    log(f"{tag}: {rnd['rps']:,.0f} req/s p99 {rnd['p99_ms']:.2f} ms, {rnd['cpu_us']:.1f} µs "
+        f"CPU/request ({rnd['cpu_load'] * 100:.0f} % of the target CPU{extra})")
+
+
+def summarize(res: RunResult) -> None:
+    if not res.rounds:
+        return
+    med = statistics.median
+    res.rps = med(res.series("rps"))
+    res.p50_ms = med(res.series("p50_ms"))
+    res.p99_ms = med(res.series("p99_ms"))
+    res.cpu_us = med(res.series("cpu_us"))
+    res.sys_us = med(res.series("sys_us"))
+    res.cpu_load = med(res.series("cpu_load"))
+    others = [r["other_load"] for r in res.rounds if r.get("other_load") is not None]
+    res.other_load = med(others) if others else 0.0
+    lothers = [r["load_other"] for r in res.rounds if r.get("load_other") is not None]
+    res.load_other = med(lothers) if lothers else 0.0
+    res.requests = sum(int(r["requests"]) for r in res.rounds)
+    res.non2xx = sum(int(r["non2xx"]) for r in res.rounds)
+    res.socket_errors = sum(int(r["socket_errors"]) for r in res.rounds)
+    if all("cache_hits" in r for r in res.rounds):
+        res.cache_hits = sum(int(r["cache_hits"]) for r in res.rounds)
+        res.cache_misses = sum(int(r["cache_misses"]) for r in res.rounds)
+        n = sum(int(r["verify_count"]) for r in res.rounds)
+        total = sum((r["verify_us"] or 0.0) * r["verify_count"] for r in res.rounds)
+        res.verify_us_per_miss = total / n if n else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Ratios, goals, the noise floor
+# ---------------------------------------------------------------------------------------------
+
+GOALS = [  # (workload, numerator, denominator, metric, op, bound) - issue 9, Speed
+    ("W1", "fastgate", "haproxy", "rps", ">=", 1.5),
+    ("W1", "fastgate", "haproxy", "cpu_us", "<=", 0.7),
+    ("W1", "fastgate", "haproxy", "p99_ms", "<=", 1.0),
+    ("W1", "fastgate", "naive", "rps", ">=", 6.0),
+    ("W2", "fastgate", "haproxy", "rps", ">=", 1.0),
+    ("W3", "fastgate", "haproxy", "rps", ">=", 2.0),
+    (OPEN, "fastgate", "haproxy", "rps", ">=", 1.0),
+]
+METRIC_LABEL = {"rps": "req/s", "cpu_us": "CPU/request", "p99_ms": "p99"}
+
+
+def paired(a: RunResult, b: RunResult, metric: str) -> list[float]:
+    """Per-round ratios a/b: each from runs seconds apart in the same round."""
+    return [x / y for x, y in zip(a.series(metric), b.series(metric), strict=False) if y]
+
+
+def noise_floors(by: dict[tuple[str, str], RunResult]) -> dict[str, dict[str, Any]]:
+    """Per metric: the A/A controls' median paired ratios and the floor |1 - ratio| (max over
+    the controls run)."""
+    floors: dict[str, dict[str, Any]] = {}
+    for metric in METRIC_LABEL:
+        rows = []
+        for (t, w), ctl in by.items():
+            if not t.endswith(AA) or (t[:-len(AA)], w) not in by:
+                continue
+            ratios = paired(ctl, by[(t[:-len(AA)], w)], metric)
+            if ratios:
+                rows.append({"control": f"{t} {w}", "median": statistics.median(ratios),
+                             "min": min(ratios), "max": max(ratios)})
+        floors[metric] = {"controls": rows,
+                          "floor": max((abs(1 - r["median"]) for r in rows), default=None)}
+    return floors
+
+
+def goal_rows(results: list[RunResult], floors: dict[str, dict[str, Any]] | None = None,
+              ) -> list[dict[str, Any]]:
+    by = {(r.target, r.workload): r for r in results if r.skipped is None and r.rounds}
+    floors = floors if floors is not None else noise_floors(by)
+    rows: list[dict[str, Any]] = []
+    for w, num, den, metric, op, bound in GOALS:
+        a, b = by.get((num, w)), by.get((den, w))
+        label = f"{w} {num}/{den} {METRIC_LABEL[metric]} {op} {bound:g}x"
+        row: dict[str, Any] = {"goal": label, "workload": w, "metric": metric, "op": op,
+                               "bound": bound, "ratio": None, "met": None}
+        if a is None or b is None:
+            rows.append(row)
+            continue
+        ratios = paired(a, b, metric)
+        ratio = statistics.median(ratios) if ratios else 0.0
+        of_medians = getattr(a, metric) / getattr(b, metric) if getattr(b, metric) else 0.0
+        met = ratio >= bound if op == ">=" else ratio <= bound
+        floor = floors[metric]["floor"]
+        if w == "W2" and num == "fastgate" and a.cache_hits:
+            met = False  # not a W2 measurement: the cache hit
+        bound_by_load = [r.target for r in (a, b) if r.cpu_load < LOAD_BOUND]
+        row.update(ratio=ratio, ratio_of_medians=of_medians, per_round=ratios, met=met,
+                   noise_floor=floor, load_bound=bound_by_load,
+                   within_noise=floor is not None and abs(ratio - bound) <= floor * bound)
+        rows.append(row)
+    w2 = by.get(("fastgate", "W2"))
+    if w2 is not None:
+        rows.append({"goal": "W2 fastgate token-cache hits == 0", "workload": "W2",
+                     "metric": "cache_hits", "op": "==", "bound": 0,
+                     "ratio": w2.cache_hits, "met": w2.cache_hits == 0})
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
 
-GOALS = [  # (workload, numerator, denominator, metric, op, bound)
-    ("W1", "fastgate", "haproxy", "rps", ">=", 1.0),
-    ("W1", "fastgate", "naive", "rps", ">=", 5.0),
-    ("W1", "fastgate", "haproxy", "p99", "<=", 1.5),
-    ("W2", "fastgate", "haproxy", "rps", ">=", 0.6),
-    ("W3", "fastgate", "haproxy", "rps", ">=", 1.0),
-]
-
-
-def goal_rows(results: list[RunResult]) -> list[dict[str, Any]]:
-    by = {(r.target, r.workload): r for r in results if r.skipped is None}
-    rows: list[dict[str, Any]] = []
-    for w, num, den, metric, op, bound in GOALS:
-        a, b = by.get((num, w)), by.get((den, w))
-        label = (f"{w} {num}/{den} " + ("req/s" if metric == "rps" else "p99")
-                 + f" {op} {bound:g}x")
-        if a is None or b is None:
-            rows.append({"goal": label, "ratio": None, "met": None})
-            continue
-        ratio = (a.rps / b.rps) if metric == "rps" else (a.p99_ms / b.p99_ms if b.p99_ms else 0.0)
-        met = ratio >= bound if op == ">=" else ratio <= bound
-        rows.append({"goal": label, "ratio": ratio, "met": met})
-    return rows
-
 
 def markdown(args: argparse.Namespace, env: Env, results: list[RunResult],
-             descs: dict[str, str], skipped: dict[str, str]) -> str:
-    out = []
-    out.append(f"# e2e benchmark - {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n")
+             descs: dict[str, str], skipped: dict[str, str], load_end: float) -> str:
+    by = {(r.target, r.workload): r for r in results if r.rounds}
+    floors = noise_floors(by)
+    out = [f"# e2e benchmark - {dt.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}\n"]
     out.append(f"Command: `{' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}` "
                f"(cwd `{Path.cwd()}`)\n")
     out.append(f"Machine: {os.cpu_count()} CPUs, {platform.platform()}, Python "
                f"{platform.python_version()}; {versions()}\n")
+    out.append(f"fastgate: {revision()}\n")
     out.append(f"Load: wrk -t{args.threads} -c{args.connections} -d{args.duration:g}s --latency "
-               f"(warm-up {args.warmup:g}s with W1 tokens per target), path {PATH}, loopback.\n")
+               f"per run, {args.rounds} interleaved rounds (order rotated every round), warm-up "
+               f"{args.warmup:g}s per unit; loopback; fastgate W2 with cache max_entries "
+               f"{args.w2_cache}.\n")
     out.append(f"Pinning: {env.pin.describe()}.\n")
-    load = args.load_at_start
-    out.append(f"Load average (1 min) before the run: {load:.2f}"
-               + (" - **the machine was busy: numbers are low and noisy; compare ratios within "
-                  "this run only**" if load > 0.7 else "") + "\n")
-    out.append("| target | workload | req/s | p50 ms | p99 ms | requests | non-2xx | "
-               "socket errors | notes |")
-    out.append("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    busy = args.load_at_start > 0.7 or load_end > 1.7
+    out.append(f"Load average (1 min): {args.load_at_start:.2f} before, {load_end:.2f} after "
+               f"(this harness itself adds about 1.5)"
+               + (" - **the machine was busy: compare ratios within this run only**"
+                  if busy else "") + "\n")
+    out.append("Per (target, workload), medians of the rounds. CPU µs/req: the target's "
+               "utime+stime over the run / requests completed (of which kernel: stime). "
+               "target CPU: the share of its "
+               "CPU it used (near 100 %: the target is the bottleneck; well below: wrk or the "
+               "upstream on the load CPU is, or the target waits). other: the rest of that "
+               "CPU's busy time; load CPU other: the load CPU's busy time used by neither wrk "
+               "nor the upstream (both: other jobs on the machine, i.e. noise). cache, verify: "
+               "fastgate's /metrics deltas over the measured runs.\n")
+    out.append("| target | workload | req/s | req/s min-max | p50 ms | p99 ms | CPU µs/req | "
+               "of which kernel | target CPU | other | load CPU other | cache hit / miss | "
+               "verify µs/miss | notes |")
+    out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
-        notes = "; ".join(r.anomalies) if r.anomalies else "ok"
-        if r.target == "direct":
-            notes = "reference: nginx without a proxy (token ignored)"
-        out.append(f"| {r.target} | {r.workload} | {r.rps:,.0f} | {r.p50_ms:.2f} | "
-                   f"{r.p99_ms:.2f} | {r.requests:,} | {r.non2xx:,} | {r.socket_errors} | "
+        if not r.rounds:
+            continue
+        rps = r.series("rps")
+        notes = "; ".join(r.anomalies[:3]) + (" ..." if len(r.anomalies) > 3 else "") \
+            if r.anomalies else "ok"
+        if r.cpu_load < LOAD_BOUND:
+            notes = ("**load-side bound** (the target was not saturated: its req/s is the "
+                     "limit of wrk and the upstream on the load CPU; compare CPU/request)"
+                     + ("" if notes == "ok" else f"; {notes}"))
+        cache = "" if r.cache_hits is None else f"{r.cache_hits:,} / {r.cache_misses:,}"
+        ver = "" if r.verify_us_per_miss is None else f"{r.verify_us_per_miss:.1f}"
+        out.append(f"| {r.target} | {r.workload} | {r.rps:,.0f} | {min(rps):,.0f}-"
+                   f"{max(rps):,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | {r.cpu_us:.1f} | "
+                   f"{r.sys_us:.1f} | "
+                   f"{r.cpu_load * 100:.0f} % | {r.other_load * 100:.0f} % | "
+                   f"{r.load_other * 100:.0f} % | {cache} | {ver} | "
                    f"{notes} |")
     out.append("")
     for t, why in skipped.items():
         out.append(f"- **{t} skipped**: {why.splitlines()[0] if why else ''}")
     for t, d in descs.items():
         out.append(f"- {t}: {d}")
+    for w in args.workloads:
+        out.append(f"- {w}: {WORKLOADS[w][2] if w in WORKLOADS else OPEN_DESC}")
     out.append("")
-    out.append("Goals (issue): ")
+
+    out.append("Ratios fastgate / peer (median of the per-round paired ratios):\n")
+    out.append("| workload | peer | req/s | CPU/request | p99 |")
+    out.append("|---|---|---:|---:|---:|")
+    for w in args.workloads:
+        for peer in ("haproxy", "naive", "direct"):
+            a, b = by.get(("fastgate", w)), by.get((peer, w))
+            if a is None or b is None:
+                continue
+            cells = []
+            for metric in ("rps", "cpu_us", "p99_ms"):
+                rs = paired(a, b, metric)
+                cells.append(f"{statistics.median(rs):.2f}x" if rs else "n/a")
+            out.append(f"| {w} | {peer} | " + " | ".join(cells) + " |")
     out.append("")
-    out.append("| goal | ratio | met |")
-    out.append("|---|---:|---|")
-    for g in goal_rows(results):
-        ratio = "n/a" if g["ratio"] is None else f"{g['ratio']:.2f}x"
-        met = "n/a" if g["met"] is None else ("yes" if g["met"] else "**NO**")
-        out.append(f"| {g['goal']} | {ratio} | {met} |")
+
+    out.append("Goals (issue 9, Speed); noise floor = |1 - A/A ratio| of the controls below:\n")
+    out.append("| goal | ratio (median of rounds) | ratio of medians | per round | noise floor | "
+               "met |")
+    out.append("|---|---:|---:|---|---:|---|")
+    for g in goal_rows(results, floors):
+        if g["metric"] == "cache_hits":
+            val = "n/a" if g["ratio"] is None else f"{g['ratio']:,}"
+            met = "yes" if g["met"] else "**NO**"
+            out.append(f"| {g['goal']} | {val} | | | | {met} |")
+            continue
+        if g["ratio"] is None:
+            out.append(f"| {g['goal']} | n/a | | | | n/a |")
+            continue
+        met = "yes" if g["met"] else "**NO**"
+        if g["within_noise"]:
+            met += " (within noise)"
+        if g["load_bound"] and g["metric"] != "cpu_us":
+            met += f" ({', '.join(g['load_bound'])} load-side bound)"
+        floor = "n/a" if g["noise_floor"] is None else f"±{g['noise_floor'] * 100:.1f} %"
+        out.append(f"| {g['goal']} | {g['ratio']:.2f}x | {g['ratio_of_medians']:.2f}x | "
+                   + ", ".join(f"{x:.2f}" for x in g["per_round"]) + f" | {floor} | {met} |")
     out.append("")
-    w2 = [r for r in results if r.workload == "W2" and r.target != "direct"]
-    if w2:
-        out.append("W2 note: 20,000 distinct tokens; in a measured run at R req/s each token is "
-                   "seen about R*D/20,000 times, so a gateway with a verified-token cache "
-                   "verifies each token once and then hits: "
-                   + ", ".join(f"{r.target} {r.rps * args.duration / 20000:.1f} passes"
-                               for r in w2) + ".")
+    for metric, label in METRIC_LABEL.items():
+        for c in floors[metric]["controls"]:
+            out.append(f"- A/A {c['control']} vs its twin, {label}: median ratio "
+                       f"{c['median']:.3f} (rounds {c['min']:.3f}-{c['max']:.3f})")
+    if not any(floors[m]["controls"] for m in METRIC_LABEL):
+        out.append("- no A/A control was run (--controls): no noise floor")
+    out.append("")
+    for w in ("W1", "W2"):
+        fg = by.get(("fastgate", w))
+        if fg is not None and fg.cache_hits is not None:
+            out.append(f"- fastgate {w} ({fg.instance}): token cache {fg.cache_hits:,} hits, "
+                       f"{fg.cache_misses:,} misses over the measured runs"
+                       + (f"; in-gateway verify {fg.verify_us_per_miss:.1f} µs per miss "
+                          "(fastgate_verify_duration_seconds sum/count)"
+                          if fg.verify_us_per_miss else "") + ".")
+    out.append("")
+    out.append("Per round (req/s | CPU µs/req):\n")
+    for r in results:
+        if r.rounds:
+            out.append(f"- {r.target} {r.workload}: " + ", ".join(
+                f"{x['rps']:,.0f} | {x['cpu_us']:.1f}" for x in r.rounds))
     return "\n".join(out) + "\n"
+
+
+def revision() -> str:
+    """The commit of the tree the gateway ran from, and whether fastgate/ had local edits."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        head = subprocess.run(["git", "-C", str(REPO), "log", "-1", "--format=%h %ci %s"],
+                              capture_output=True, timeout=10).stdout.decode().strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--",
+                                "fastgate"], capture_output=True, timeout=10).stdout.strip()
+        return f"`{head[:100]}`" + (" + uncommitted edits in fastgate/" if dirty else "")
+    return "unknown revision"
 
 
 def versions() -> str:
@@ -560,32 +931,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke check: 3 rounds x 2 s, 1 s warm-ups, fastgate A/A only "
+                        "(< 2 minutes with the default targets)")
     p.add_argument("--targets", default=",".join(TARGETS),
                    help=f"comma-separated subset of {','.join(TARGETS)}")
-    p.add_argument("--workloads", default="W1,W2,W3", help="comma-separated subset of W1,W2,W3")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds per measured run")
-    p.add_argument("--warmup", type=float, default=3.0, help="warm-up seconds per target")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
+                   help=f"comma-separated subset of {','.join(ALL_WORKLOADS)}")
+    p.add_argument("--naive-workloads", default="W1",
+                   help="workloads the naive proxy runs (its goal is W1 only; default W1)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds, >= 3 (default 5; quick 3)")
+    p.add_argument("--duration", type=float,
+                   help="seconds per measured run (default 8; quick 2)")
+    p.add_argument("--warmup", type=float, help="warm-up seconds per unit (default 2; quick 1)")
+    p.add_argument("--controls",
+                   help="A/A controls, target:workload pairs measured twice per round in two "
+                        "identical processes (default fastgate:W1,haproxy:W1; quick "
+                        "fastgate:W1; 'none' for none)")
+    p.add_argument("--w2-cache", type=int, default=1000,
+                   help="cache.max_entries of fastgate's W2 gateway (default 1000: 20,000 "
+                        "cycled tokens never hit)")
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     p.add_argument("--json", type=Path, help="also write the raw results here")
-    p.add_argument("--fastgate-cmd", default="{python} -m fastgate.cli run -c {config}",
-                   help="command starting fastgate; {config} and {python} are substituted")
+    p.add_argument("--fastgate-cmd", default="{python} -m fastgate run -c {config}",
+                   help="command starting fastgate (`fastgate run -c FILE`); {config} and "
+                        "{python} are substituted")
     args = p.parse_args(argv)
+    preset = PRESETS["quick" if args.quick else "full"]
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    args.workloads = [w.strip().upper() for w in args.workloads.split(",") if w.strip()]
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.workloads = [w.upper() if w.upper() in WORKLOADS else w.lower() for w in args.workloads]
+    args.naive_workloads = [w.strip().upper() for w in args.naive_workloads.split(",")
+                            if w.strip()]
     for t in args.targets:
         if t not in TARGETS:
             p.error(f"unknown target {t!r}")
     for w in args.workloads:
-        if w not in WORKLOADS:
+        if w not in ALL_WORKLOADS:
             p.error(f"unknown workload {w!r}")
+    controls = []
+    if args.controls.strip().lower() not in ("", "none"):
+        for pair in args.controls.split(","):
+            t, _, w = pair.strip().partition(":")
+            w = w.upper() if w.upper() in WORKLOADS else w.lower()
+            if t not in TARGETS or t == "direct" or w not in ALL_WORKLOADS:
+                p.error(f"--controls: bad pair {pair!r} (target:workload, not direct)")
+            controls.append((t, w))
+    args.controls = controls
+    if args.rounds < 3 or args.rounds > 50:
+        p.error("--rounds must be in [3, 50] (medians of rounds)")
     if not 0 < args.duration <= 600 or not 0 <= args.warmup <= 120:
         p.error("--duration must be in (0, 600] and --warmup in [0, 120]")
     if args.connections < args.threads:
         p.error("--connections must be >= --threads")
+    if args.w2_cache < 1:
+        p.error("--w2-cache must be >= 1")
     return args
+
+
+def plan_units(args: argparse.Namespace, insts: dict[str, Instance],
+               tokens: dict[str, Path]) -> list[Unit]:
+    """Every (target, workload) to measure, in the first round's order."""
+    units: list[Unit] = []
+
+    def add(target: str, workload: str, inst: Instance) -> None:
+        toks = tokens.get(workload) if workload != OPEN else None
+        path = OPEN_PATH if workload == OPEN and inst.target == "fastgate" else PATH
+        expected = WORKLOADS[workload][3] if workload in WORKLOADS else 200
+        # Tokens 0-19 were sent by the sanity check: start past them.
+        units.append(Unit(target, workload, inst, toks, path, expected,
+                          cursor=1000 if workload == "W2" else 0))
+
+    for t in args.targets:
+        for w in args.workloads:
+            if t == "direct" and w != args.workloads[0]:
+                continue  # nginx ignores the token: one workload is the reference
+            if t == "naive" and w not in args.naive_workloads:
+                continue
+            name = "fastgate-w2" if (t, w) == ("fastgate", "W2") else t
+            if name in insts:
+                add(t, w, insts[name])
+    for t, w in args.controls:
+        name = t + AA + ("-w2" if (t, w) == ("fastgate", "W2") else "")
+        if name in insts and t in args.targets:
+            add(t + AA, w, insts[name])
+    return units
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -619,45 +1055,86 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    started = time.monotonic()
     try:
-        ordered = sorted(args.targets, key=lambda t: t != "direct")  # direct first
-        nginx: subprocess.Popen[bytes] | None = None
-        nginx_cpu: str | None = "unset"
-        for target in ordered:
-            want_cpu = pin.target_cpu if target == "direct" else pin.load_cpu
-            if nginx is None or nginx_cpu != want_cpu:
-                if nginx is not None:
-                    procs.stop(nginx)
-                nginx = start_nginx(env, want_cpu)
-                nginx_cpu = want_cpu
+        start_nginx(env, pin.load_cpu)
+        insts: dict[str, Instance] = {}
+        wanted: list[tuple[str, str, int | None]] = []  # (instance name, target, cache)
+        for t in args.targets:
+            wanted.append((t, t, None))
+            if t == "fastgate" and "W2" in args.workloads:
+                wanted.append(("fastgate-w2", t, args.w2_cache))
+        for t, w in args.controls:
+            if t in args.targets and w in args.workloads:
+                two = (t, w) == ("fastgate", "W2")
+                wanted.append((t + AA + ("-w2" if two else ""), t, args.w2_cache if two else None))
+        for name, target, cache in wanted:
+            if target in skipped:
+                continue
             try:
-                proc, port, desc = start_target(env, target)
+                insts[name] = start_instance(env, target, name, cache_entries=cache)
             except SkipTarget as exc:
-                log(f"SKIP {target}: {exc}")
+                log(f"SKIP {name}: {exc}")
                 skipped[target] = str(exc)
                 continue
-            descs[target] = desc
-            try:
-                results.extend(measure(args, env, target, port, tokens))
-            finally:
-                if proc is not None:
-                    procs.stop(proc)
+            descs.setdefault(target, insts[name].desc)
+            if name != target:
+                descs[name] = insts[name].desc
+        units = plan_units(args, insts, tokens)
+        for u in units:
+            res = RunResult(u.target, u.workload, expected_status=u.expected,
+                            instance=u.inst.name)
+            results.append(res)
+        per_run = args.duration + 0.6  # wrk start-up, the /proc reads and the scrapes
+        estimate = len(units) * (args.rounds * per_run + args.warmup + 0.6)
+        log(f"{len(units)} units x {args.rounds} rounds x {args.duration:g}s: about "
+            f"{estimate / 60:.1f} minutes from now")
+        for u, res in zip(units, results, strict=True):
+            if u.target != "direct":
+                res.sample_statuses = sample_statuses(u.port, u.tokens, path=u.path)
+                if set(res.sample_statuses) != {str(u.expected)}:
+                    res.anomalies.append(f"sample statuses {res.sample_statuses}, expected "
+                                         f"all {u.expected}")
+                    log(f"ANOMALY {u.target} {u.workload}: {res.anomalies[-1]}")
+            if args.warmup > 0:
+                data = run_wrk(args, env, u.port, u.tokens, args.warmup,
+                               f"{u.target}-{u.workload}-warmup", path=u.path, offset=u.cursor)
+                if u.tokens is not None:
+                    u.cursor += int(data["requests"]) + 4 * args.connections
+        for r in range(1, args.rounds + 1):
+            k = (r - 1) % len(units)  # A B C, B C A, C A B, ...
+            order = list(range(len(units)))[k:] + list(range(len(units)))[:k]
+            log(f"round {r}/{args.rounds}")
+            for i in order:
+                u = units[i]
+                measure_unit(args, env, u, results[i], f"{u.target}-{u.workload}-r{r}")
     except KeyboardInterrupt:
         log("interrupted: stopping every child process")
         return 130
     finally:
         procs.stop_all()
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-    md = markdown(args, env, results, descs, skipped)
+    for res in results:
+        summarize(res)
+    load_end = os.getloadavg()[0]
+    md = markdown(args, env, results, descs, skipped, load_end)
     print(md)
     (args.out_dir / "e2e-latest.md").write_text(md)
+    log(f"took {(time.monotonic() - started) / 60:.1f} minutes")
     if args.json:
+        by = {(r.target, r.workload): r for r in results if r.rounds}
+        main_results = [r for r in results if not r.target.endswith(AA)]
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
+            "date": dt.date.today().isoformat(),
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            "pinning": pin.describe(), "results": [asdict(r) for r in results],
+            "pinning": pin.describe(), "load_at_start": args.load_at_start,
+            "load_at_end": load_end, "descriptions": descs,
+            "results": [asdict(r) for r in main_results],
+            "controls": [asdict(r) for r in results if r.target.endswith(AA)],
+            "noise_floor": noise_floors(by),
             "skipped": skipped, "goals": goal_rows(results)}, indent=2))
+        log(f"json: {args.json}")
     log(f"report: {args.out_dir / 'e2e-latest.md'}")
     return 0
 

@@ -34,12 +34,60 @@ def _print_config_errors(path: str, exc: ConfigError) -> None:
         print(f"  {line}", file=sys.stderr)
 
 
+STDIN_NAME = "<stdin>"
+
+
+def _load_stdin_or_report() -> GatewayConfig | None:
+    """``check -c -``: the document on standard input (relative paths in it resolve against
+    the working directory)."""
+    from fastgate.config import load_config_text
+
+    raw = sys.stdin.buffer.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _print_config_errors(STDIN_NAME, ConfigError(
+            [f"{STDIN_NAME}: not UTF-8 (byte offset {exc.start})"]))
+        return None
+    try:
+        return load_config_text(text, STDIN_NAME, os.environ)
+    except ConfigError as exc:
+        _print_config_errors(STDIN_NAME, exc)
+        return None
+
+
+def path_regex_warnings(config: GatewayConfig) -> list[str]:
+    """Routes whose ``path_regex`` reads like a prefix. Regexes are full-matched (as Envoy's
+    ``safe_regex``): ``^/mobile/v[0-9]+/`` matches ``/mobile/v1/`` and never
+    ``/mobile/v1/orders``."""
+    out: list[str] = []
+    for i, route in enumerate(config.routes):
+        regex = route.match.path_regex
+        if regex is None:
+            continue
+        where = f"routes[{i}].match.path_regex ({route.name})"
+        body = regex[:-1] if regex.endswith("$") and not regex.endswith("\\$") else regex
+        if body.endswith("/"):
+            out.append(f"{where}: {regex!r} is matched against the whole path, so it only "
+                       "matches paths ending in '/'; to match everything below it, end it "
+                       f"with '.*' ({body + '.*'!r}) or use path_prefix")
+        elif regex.startswith("^") and regex == body and not body.endswith((".*", ".+")):
+            # Anchored at the start only: written as if it were searched for (a prefix).
+            out.append(f"{where}: {regex!r} is anchored like a prefix, but the regex is "
+                       "matched against the whole path; end it with '.*' to match below it, "
+                       "or with '$' to say the whole path is meant")
+    return out
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load_or_report(args.config)
+    config = _load_stdin_or_report() if args.config == "-" else _load_or_report(args.config)
     if config is None:
         return 1
+    for warning in path_regex_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
+    name = STDIN_NAME if args.config == "-" else args.config
     print(
-        f"{args.config}: OK ({len(config.routes)} routes, {len(config.providers)} providers, "
+        f"{name}: OK ({len(config.routes)} routes, {len(config.providers)} providers, "
         f"{len(config.upstreams)} upstreams)"
     )
     return 0
@@ -51,7 +99,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from fastgate import supervisor
 
-    return supervisor.run(config, workers=args.workers)
+    return supervisor.run(config, workers=args.workers, log_level=args.log_level)
 
 
 def _claim_value(text: str) -> Any:
@@ -161,10 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", required=True, help="gateway YAML file")
     run.add_argument("--workers", type=int, default=None,
                      help="worker processes (overrides the config; 0 = one per CPU)")
+    run.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                     type=str.lower, default=None,
+                     help="log level of the master and the workers (default: "
+                          "$FASTGATE_LOG_LEVEL, else info); debug adds per-request detail")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config; exit 1 listing every error")
-    check.add_argument("-c", "--config", required=True)
+    check.add_argument("-c", "--config", required=True,
+                       help="gateway YAML file ('-' reads it from standard input)")
     check.set_defaults(func=cmd_check)
 
     token = sub.add_parser("token", help="mint a development token")
@@ -175,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--sub")
     token.add_argument("--aud", action="append", help="audience (repeatable)")
     token.add_argument("--scope", help="space-separated scopes")
-    token.add_argument("--exp", default="10m", help="lifetime: seconds or 30s/10m/24h")
+    token.add_argument("--exp", default="10m", help="lifetime: seconds or 30s/10m/24h/7d/1h30m")
     token.add_argument("--claims", help="claims as a JSON object")
     token.add_argument("pairs", nargs="*", metavar="key=value",
                        help="extra claims; values are JSON when they parse, else strings")
@@ -212,12 +265,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
+        sys.stdout.flush()  # here, so a closed pipe is seen while it can still be handled
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _stdout_gone()
     except (OSError, ValueError) as exc:
         print(f"fastgate {args.command}: {exc}", file=sys.stderr)
         return 1
     return result
+
+
+def _stdout_gone() -> int:
+    """``fastgate verify ... | head``: the reader left. Not an error worth a message: point
+    stdout at /dev/null so the interpreter's final flush cannot complain either (the recipe of
+    the Python signal docs), and exit 128 + SIGPIPE as a shell expects of a writer cut off."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import itertools
 import math
 import os
 import re
@@ -229,8 +230,10 @@ _HMAC_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 _MAX_CLOCK_SKEW = 300.0  # more than 5 minutes of leeway is almost certainly a unit mistake
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2 token (header, method)
 _SCOPE_RE = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 §3.3 scope-token
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# A bare number (seconds) or one or more <number><unit> parts, largest unit first: 1h30m, 7d.
+_DURATION_RE = re.compile(r"\d+(?:\.\d+)?|(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _ENV_RE = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$\{")
 _PLAIN_KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
 # Names a claim/payload header may never take: hop-by-hop (RFC 9110 §7.6.1), framing and
@@ -241,8 +244,9 @@ _RESERVED_HEADERS = HOP_BY_HOP | frozenset({
     "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via",
 })
 
-_TOP_KEYS = ("listen", "admin", "workers", "limits", "timeouts", "trusted_proxies", "cache", "upstreams", "providers",
-             "api_keys", "routes", "access_log", "metrics", "drain_timeout")
+_TOP_KEYS = ("listen", "admin", "workers", "limits", "timeouts", "trusted_proxies", "cache",
+             "upstreams", "providers", "api_keys", "routes", "access_log", "metrics",
+             "drain_timeout")
 _PROVIDER_KEYS = ("issuer", *_KEY_SOURCES, "audiences", "algorithms", "clock_skew", "require",
                   "max_lifetime", "jwks_cache", "token_from")
 _ROUTE_KEYS = ("name", "match", "upstream", "strip_prefix", "auth")
@@ -254,17 +258,24 @@ _NONE: tuple[str, ...] = ()
 
 
 def parse_duration(value: object, path: str | None = None) -> float:
-    """Seconds from a number (int/float >= 0) or a string ``500ms``/``30s``/``10m``/``24h``
-    (a bare number string means seconds). Raises ValueError, prefixed by ``path`` if given."""
+    """Seconds from a number (int/float >= 0) or a string ``500ms``/``30s``/``10m``/``24h``/
+    ``7d``, or a compound of those with each unit once, largest first (``1h30m``, ``1d12h``);
+    a bare number string means seconds. Raises ValueError, prefixed by ``path`` if given."""
     seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and (m := _DURATION_RE.fullmatch(value)):
-        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    elif isinstance(value, str) and _DURATION_RE.fullmatch(value):
+        parts = _DURATION_PART_RE.findall(value)
+        units = [_UNIT_SECONDS[u] for _, u in parts]
+        if not parts:
+            seconds = float(value)
+        elif all(a > b for a, b in itertools.pairwise(units)):
+            # each unit once, largest first: "30m1h" or "1m1m" is more likely a typo
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
     if seconds is None or not math.isfinite(seconds) or seconds < 0:
         what = repr(value) if isinstance(value, str | int | float) else _kind(value)
         message = (f"invalid duration {what}: use seconds (a number >= 0) or a string like "
-                   "500ms, 30s, 10m, 24h")
+                   "500ms, 30s, 10m, 24h, 7d or 1h30m (each unit once, largest first)")
         raise ValueError(f"{path}: {message}" if path else message)
     return seconds
 
@@ -316,9 +327,22 @@ def load_config(path: str | os.PathLike[str],
         raise ConfigError([f"{source}: cannot read the config: {exc.strerror or exc}"]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}: not UTF-8 (byte offset {exc.start})"]) from exc
+    return load_config_text(text, source, environ)
+
+
+def load_config_text(text: str, source: str,
+                     environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """:func:`load_config` of a document already read (``fastgate check -c -`` reads standard
+    input); ``source`` names it in errors and relative paths resolve against its directory.
+    Every error carries ``<source>:<line>:<column>`` of the node it is about (or of the
+    nearest enclosing one that exists, for a missing key), in document order."""
     loader = _Loader(text)
+    positions: dict[str, tuple[int, int]] = {}
     try:
-        data = loader.get_single_data()
+        node = loader.get_single_node()
+        if node is not None:
+            _node_positions(node, "", positions, set())
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -332,10 +356,78 @@ def load_config(path: str | os.PathLike[str],
     try:
         config = parse_config(data, environ, source)
     except ConfigError as exc:
-        raise ConfigError(duplicates + exc.errors) from None
+        located = [_locate(e, source, positions) for e in exc.errors]
+        raise ConfigError(_in_document_order(duplicates + located, source)) from None
     if duplicates:
         raise ConfigError(duplicates)
     return config
+
+
+def _node_positions(node: yaml.Node, path: str, out: dict[str, tuple[int, int]],
+                    active: set[int]) -> None:
+    """``out[path] = (line, column)`` (1-based) for every node, with the paths the walker uses
+    (:func:`_key_path`). A mapping or list value is placed at its key (``routes:``), a scalar
+    at the value itself. ``active`` guards against recursive aliases."""
+    if id(node) in active:
+        return
+    out.setdefault(path, (node.start_mark.line + 1, node.start_mark.column + 1))
+    active.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or \
+                    key_node.tag != "tag:yaml.org,2002:str":
+                continue  # merge keys and non-string keys: their errors use the parent
+            sub = _key_path(path, key_node.value)
+            mark = key_node.start_mark
+            out.setdefault(sub + _KEY_MARK, (mark.line + 1, mark.column + 1))
+            if not isinstance(value_node, yaml.ScalarNode):
+                out.setdefault(sub, (mark.line + 1, mark.column + 1))
+            _node_positions(value_node, sub, out, active)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _node_positions(item, f"{path}[{i}]", out, active)
+    active.discard(id(node))
+
+
+_KEY_MARK = "\0key"  # positions[path + _KEY_MARK]: where the key itself is (unknown keys)
+_LAST_SEGMENT_RE = re.compile(r"(?:\.[^.\[\]]+|\[[^\]]*\])$")
+
+
+def _locate(error: str, source: str, positions: Mapping[str, tuple[int, int]]) -> str:
+    """``<path>: <message>`` -> ``<source>:<line>:<column>: <path>: <message>``, placed at
+    the node of ``<path>`` or of its nearest ancestor in the document."""
+    path, sep, message = error.partition(": ")
+    if not sep or path == "(root)":
+        return error
+    if message.startswith("unknown key") and path + _KEY_MARK in positions:
+        line, column = positions[path + _KEY_MARK]
+        return f"{source}:{line}:{column}: {error}"
+    probe = path
+    while probe and probe not in positions:
+        shorter = _LAST_SEGMENT_RE.sub("", probe)
+        if shorter == probe:
+            return error  # not a path of this document
+        probe = shorter
+    if not probe:
+        return error
+    line, column = positions[probe]
+    return f"{source}:{line}:{column}: {error}"
+
+
+def _in_document_order(errors: list[str], source: str) -> list[str]:
+    """Errors with a position sorted by it (a stable sort: one node's errors keep the
+    walker's order); errors about the whole document first."""
+    prefix = f"{source}:"
+
+    def key(error: str) -> tuple[int, int]:
+        if error.startswith(prefix):
+            line, _, rest = error[len(prefix):].partition(":")
+            column = rest.partition(":")[0]
+            if line.isdigit() and column.isdigit():
+                return int(line), int(column)
+        return 0, 0
+
+    return sorted(errors, key=key)
 
 
 def parse_config(data: Any, environ: Mapping[str, str] | None = None,
@@ -681,12 +773,12 @@ class _Walker:
         workers = self.opt(m, "workers", "", d.workers, self.integer)
         limits = cache = access_log = None
         if "limits" in m and (lm := self.mapping(m["limits"], "limits", _field_names(Limits))):
-            limits = Limits(
-                *(self.opt(lm, k, "limits", getattr(d.limits, k), self.integer, lo=1)
-                  for k in ("max_token_bytes", "max_header_bytes", "max_body_bytes",
-                            "max_connections")),
-                self.opt(lm, "max_requests_per_connection", "limits",
-                         d.limits.max_requests_per_connection, self.integer))
+            sizes = {k: self.opt(lm, k, "limits", getattr(d.limits, k), self.integer, lo=1)
+                     for k in ("max_token_bytes", "max_header_bytes", "max_body_bytes",
+                               "max_connections")}
+            limits = Limits(**sizes, max_requests_per_connection=self.opt(
+                lm, "max_requests_per_connection", "limits",
+                d.limits.max_requests_per_connection, self.integer))
         timeouts = d.timeouts
         if "timeouts" in m and (tm := self.mapping(m["timeouts"], "timeouts",
                                                    _field_names(Timeouts))):

@@ -7,6 +7,7 @@ provider; nothing on the request path imports this module.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import time
@@ -76,14 +77,56 @@ class DevKey:
         return jwk
 
 
+def _curve(private: ec.EllipticCurvePrivateKey) -> tuple[str, str, int]:
+    """(alg, JWK crv, field bytes); ValueError for a curve JOSE has no alg for (RFC 7518 §3.4)."""
+    try:
+        return _CURVES[private.curve.name]
+    except KeyError:
+        raise ValueError(f"EC curve {private.curve.name} has no JWS alg "
+                         "(use P-256, P-384 or P-521)") from None
+
+
 def default_alg(private: PrivateKey) -> str:
     if isinstance(private, bytes):
         return "HS256"
     if isinstance(private, rsa.RSAPrivateKey):
         return "RS256"
     if isinstance(private, ec.EllipticCurvePrivateKey):
-        return _CURVES[private.curve.name][0]
+        return _curve(private)[0]
     return "EdDSA"
+
+
+def algorithms_for(private: PrivateKey) -> tuple[str, ...]:
+    """The JWS algs this key can sign with (RFC 7518 §3.1, RFC 8037 §3.1)."""
+    if isinstance(private, bytes):
+        return ("HS256", "HS384", "HS512")
+    if isinstance(private, rsa.RSAPrivateKey):
+        return ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        # RFC 7518 §3.4: each ES alg names one curve; P-256 cannot make an ES384 signature.
+        return (_curve(private)[0],)
+    if isinstance(private, ed25519.Ed25519PrivateKey):
+        return ("EdDSA", "Ed25519")  # RFC 9864 §2.2: Ed25519 is the fully specified name
+    return ("EdDSA", "Ed448")
+
+
+def _key_kind(private: PrivateKey) -> str:
+    if isinstance(private, bytes):
+        return "an HMAC secret"
+    if isinstance(private, rsa.RSAPrivateKey):
+        return f"an RSA {private.key_size}-bit key"
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        return f"an EC {_curve(private)[1]} key"
+    return "an Ed25519 key" if isinstance(private, ed25519.Ed25519PrivateKey) else "an Ed448 key"
+
+
+def check_alg(private: PrivateKey, alg: str) -> None:
+    """ValueError (one line) unless ``key`` can make an ``alg`` signature: a token whose header
+    says RS256 over an ECDSA signature is never valid, so it is never minted."""
+    allowed = algorithms_for(private)
+    if alg not in allowed:
+        raise ValueError(f"alg {alg} cannot be made with {_key_kind(private)}; "
+                         f"use {' or '.join(allowed)}")
 
 
 def generate_key(alg: str = "RS256", kid: str | None = None) -> DevKey:
@@ -96,6 +139,8 @@ def generate_key(alg: str = "RS256", kid: str | None = None) -> DevKey:
         private = ec.generate_private_key(_CRV_TO_CURVE[curve])
     elif alg in ("EdDSA", "Ed25519"):
         private = ed25519.Ed25519PrivateKey.generate()
+    elif alg == "Ed448":
+        private = ed448.Ed448PrivateKey.generate()
     else:
         raise ValueError(f"cannot generate a key for alg {alg!r}")
     return DevKey(private, alg, kid)
@@ -109,7 +154,13 @@ def load_key(data: bytes, *, alg: str | None = None, kid: str | None = None) -> 
         jwk = orjson.loads(text)
         if not isinstance(jwk, dict):
             raise ValueError("a JWK must be a JSON object")
-        private = _private_from_jwk(jwk)
+        try:
+            private = _private_from_jwk(jwk)
+        except KeyError as exc:  # a public JWK, or a member missing
+            raise ValueError(f"not a usable private JWK: member {exc} is missing or unknown "
+                             "(a public JWK cannot sign)") from None
+        except (TypeError, binascii.Error, AttributeError) as exc:
+            raise ValueError(f"not a usable private JWK: {exc}") from None
         kid = kid or jwk.get("kid")
         alg = alg or jwk.get("alg")
     elif text.startswith(b"-----BEGIN"):
@@ -123,7 +174,11 @@ def load_key(data: bytes, *, alg: str | None = None, kid: str | None = None) -> 
         private = loaded
     else:
         raise ValueError("expected a PEM private key or a private JWK (JSON)")
-    return DevKey(private, alg or default_alg(private), kid)
+    if alg is not None and not isinstance(alg, str):
+        raise ValueError(f"the JWK's alg must be a string, got {alg!r}")
+    alg = alg or default_alg(private)
+    check_alg(private, alg)
+    return DevKey(private, alg, kid)
 
 
 def _private_from_jwk(jwk: Mapping[str, Any]) -> PrivateKey:

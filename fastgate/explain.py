@@ -10,10 +10,15 @@ request path; this module only adds the words around the decision:
 * the reason label and the HTTP status the route would answer with (``failure_status``
   applied), and the check that decided (``Result.detail`` of the verifier, or the scope /
   claim rule of the route policy);
-* the JOSE header and the claims - marked *unverified* unless the token was accepted, because
-  a rejected token's payload is attacker-controlled text;
+* the JOSE header and the claims - marked *unverified* unless the signature verified, because
+  the payload of a token whose signature did not verify is attacker-controlled text (a token
+  rejected by a claim check after its signature verified carries the issuer's own claims);
 * which provider and key (kid, alg, kty, RFC 7638 thumbprint) decided;
-* for time checks, ``exp`` / ``nbf`` / ``iat`` against ``now`` and the provider's clock skew.
+* for time checks, ``exp`` / ``nbf`` / ``iat`` against ``now`` and the provider's clock skew,
+  and for ``max_lifetime`` the lifetime the issuer gave (``exp - iat``, or ``exp - now``
+  without ``iat``) against the limit;
+* for a token that is not a compact JWS at all, what it probably is (an opaque access token,
+  a JWE) and what to change.
 
 API keys are a second credential of the request, not of the token: for a route that
 requires one, the explanation says so and names the claim it would be bound to.
@@ -47,6 +52,17 @@ __all__ = ["ExplainError", "Explanation", "KeyInfo", "explain", "explain_async",
 #: Longest wait for a remote key source's first fetch (its own ``jwks_cache.timeout`` bounds
 #: each attempt; this bounds the whole wait when the configured timeout is larger).
 MAX_FETCH_WAIT = 30.0
+
+# Verifier details (Result.detail) of the claim checks, which run only after the signature
+# verified (fastgate/_verify.pyx step 11): with one of these the claims are the issuer's.
+_CLAIM_CHECK_DETAILS = frozenset({
+    "exp type", "nbf type", "iat type", "sub type", "jti type", "aud type",
+    "exp", "nbf", "iat", "aud", "required claim", "max lifetime", "max lifetime needs exp",
+})
+_POLICY_REASONS = frozenset({Reason.INSUFFICIENT_SCOPE, Reason.CLAIM_MISMATCH})
+
+_OPAQUE_HINT = ("not a JWT: an opaque access token? configure the IdP for JWT access tokens "
+                "(docs/identity-providers.md, \"Generic or self-hosted OpenID Connect\")")
 
 # RFC 7638 §3.2: the required members of each key type, in lexicographic order.
 _THUMBPRINT_MEMBERS = {
@@ -90,9 +106,12 @@ class Explanation:
     key: KeyInfo | None = None
     header: dict[str, Any] | None = None
     claims: dict[str, Any] | None = None
-    claims_verified: bool = False
+    claims_verified: bool = False  # the signature verified: the claims are the issuer's
     now: float = 0.0
     clock_skew: float | None = None
+    max_lifetime: float | None = None  # the provider's limit (None: not checked)
+    lifetime: float | None = None  # exp - iat (or exp - now), when max_lifetime decided
+    lifetime_from: str | None = None  # "iat" or "now": what `lifetime` was measured from
     times: dict[str, float] = field(default_factory=dict)  # exp / nbf / iat as found
     claim_headers: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -123,7 +142,10 @@ class Explanation:
             "claims": self.claims,
             "claims_verified": self.claims_verified,
             "time": {"now": self.now, "now_utc": _iso(self.now),
-                     "clock_skew": self.clock_skew, **times},
+                     "clock_skew": self.clock_skew, "max_lifetime": self.max_lifetime,
+                     **({"lifetime": {"seconds": self.lifetime, "from": self.lifetime_from}}
+                        if self.lifetime is not None else {}),
+                     **times},
             "claim_headers": dict(self.claim_headers),
             "notes": list(self.notes),
         }
@@ -161,10 +183,18 @@ class Explanation:
                 if name in self.times:
                     value = self.times[name]
                     lines.append(f"  {name}:       {_iso(value)} ({_relative(value - self.now)})")
+            if self.lifetime is not None and self.max_lifetime is not None:
+                lines.append(f"  lifetime:  exp - {self.lifetime_from} = {_span(self.lifetime)}"
+                             f" (max_lifetime {_span(self.max_lifetime)})")
         if self.header is not None:
             lines.append("  header:    " + orjson.dumps(self.header).decode())
         if self.claims is not None:
-            label = "claims:" if self.claims_verified else "claims (UNVERIFIED):"
+            if self.ok or (self.claims_verified and self.reason in _POLICY_REASONS):
+                label = "claims:"
+            elif self.claims_verified:
+                label = f"claims (signature verified; rejected by the {self.check} check):"
+            else:
+                label = "claims (UNVERIFIED):"
             lines.append(f"  {label}")
             body = orjson.dumps(self.claims, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
             lines.extend("    " + line for line in body.decode().splitlines())
@@ -398,6 +428,7 @@ def _decide(config: GatewayConfig, rcfg: RouteConfig, auth: AuthConfig, rt: Any,
     header = dict(result.header) if result.header is not None else None
     payload = result.claims if result.ok else result.payload
     claims = dict(payload) if payload is not None else None
+    signed = result.ok or result.detail in _CLAIM_CHECK_DETAILS
     times = {name: float(claims[name]) for name in ("exp", "nbf", "iat")
              if claims is not None and _is_number(claims.get(name))}
     common: dict[str, Any] = {
@@ -405,10 +436,15 @@ def _decide(config: GatewayConfig, rcfg: RouteConfig, auth: AuthConfig, rt: Any,
         "issuer": result.issuer,
         "header": header,
         "claims": claims,
-        "claims_verified": result.ok,
+        "claims_verified": signed,
         "times": times,
         "clock_skew": provider.clock_skew if provider is not None else None,
+        "max_lifetime": provider.max_lifetime if provider is not None else None,
     }
+    if result.detail == "max lifetime" and claims is not None and "exp" in times:
+        measured_from = "iat" if "iat" in times else "now"
+        common["lifetime"] = times["exp"] - times.get("iat", now)
+        common["lifetime_from"] = measured_from
     if provider is not None and result.alg is not None:
         common["key"] = _key_info(provider, source, result, token)
     if claims is None:
@@ -417,7 +453,8 @@ def _decide(config: GatewayConfig, rcfg: RouteConfig, auth: AuthConfig, rt: Any,
 
     if not result.ok:
         _route_notes(auth, None, notes)
-        message = _verifier_message(config, auth, rt, reason, result, provider, source, now)
+        message = _verifier_message(config, auth, rt, reason, result, provider, source, now,
+                                    token)
         return finish(reason, result.detail, message, **common)
 
     assert claims is not None
@@ -444,9 +481,24 @@ def _decide(config: GatewayConfig, rcfg: RouteConfig, auth: AuthConfig, rt: Any,
 
 def _verifier_message(config: GatewayConfig, auth: AuthConfig, rt: Any, reason: Reason,
                       result: Result, provider: ProviderConfig | None, source: Any,
-                      now: float) -> str:
+                      now: float, token_text: str) -> str:
     payload = result.payload or {}
     skew = provider.clock_skew if provider is not None else 0.0
+    limit = provider.max_lifetime if provider is not None else None
+    if result.detail == "max lifetime" and limit is not None and _is_number(payload.get("exp")):
+        exp = float(payload["exp"])
+        if _is_number(payload.get("iat")):
+            lifetime = exp - float(payload["iat"])
+            basis = f"exp - iat = {_span(lifetime)} (iat {_iso(float(payload['iat']))})"
+        else:
+            lifetime = exp - now
+            basis = f"exp - now = {_span(lifetime)} (the token has no iat)"
+        return (f"the issuer gave this token a longer life than the provider allows: {basis} "
+                f"exceeds max_lifetime {_span(limit)}; it is rejected as expired whatever exp "
+                "says")
+    if result.detail == "max lifetime needs exp":
+        return ("max_lifetime is set for this provider, so exp is required; the token has "
+                "no exp")
     if reason is Reason.TOKEN_EXPIRED and _is_number(payload.get("exp")):
         exp = float(payload["exp"])
         return (f"exp {_iso(exp)} is {_relative(exp - now)}; tokens are accepted until "
@@ -493,11 +545,26 @@ def _verifier_message(config: GatewayConfig, auth: AuthConfig, rt: Any, reason: 
     if reason is Reason.CLAIM_MISSING:
         required = list(provider.require) if provider is not None else []
         return f"a required claim is missing ({result.detail}; required: {', '.join(required)})"
+    if reason is Reason.TOKEN_MALFORMED and result.detail == "segment count":
+        return _segments_message(token_text)
     if reason is Reason.TOKEN_MALFORMED:
         return f"not a well-formed compact JWS: {result.detail}"
     if reason is Reason.TOKEN_TOO_LARGE:
         return f"the token exceeds limits.max_token_bytes ({config.limits.max_token_bytes})"
     return f"{reason.label} ({result.detail})"
+
+
+def _segments_message(token: str) -> str:
+    """A compact JWS is three base64url segments (RFC 7515 §7.1); say what else it may be."""
+    dots = token.count(".")
+    if dots == 0:
+        return _OPAQUE_HINT
+    if dots == 4:
+        # RFC 7516 §7.1: five segments is the JWE compact form.
+        return ("an encrypted token (JWE, 5 segments), not a signed JWT: fastgate verifies "
+                "JWS only; configure the IdP to sign access tokens without encrypting them")
+    return (f"not a compact JWS: {dots + 1} segments where header.payload.signature has 3 "
+            "(a truncated or concatenated token?)")
 
 
 def _policy_failure(auth: AuthConfig, claims: Mapping[str, Any]) -> tuple[str, str]:

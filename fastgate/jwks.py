@@ -44,8 +44,11 @@ Remote fetch rules (security catalog H1-H5, H13):
   keys); a failed re-discovery keeps the previously discovered ``jwks_uri``.
 
 Unknown ``kid`` (catalog H1): :meth:`RemoteKeySource.refresh_for_kid` starts at most one fetch
-per ``min_refresh_interval`` per provider (counting every fetch, background ones included);
-concurrent misses share the one fetch in flight (single-flight) and wait for it at most
+per ``min_refresh_interval`` per provider. The budget counts kid-triggered fetches only: the
+first fetch at start-up and the scheduled refreshes do not use it up, so a key published just
+before a token signed with it arrives (right after start-up or a scheduled refresh) still gets
+its one refetch; a miss while any fetch is in flight joins that fetch instead of starting one.
+Concurrent misses share the one fetch in flight (single-flight) and wait for it at most
 :data:`KID_REFRESH_WAIT` seconds; a kid still missing after a successful fetch is remembered
 (at most :data:`NEGATIVE_KIDS_MAX` kids, each for ``NEGATIVE_KID_TTL_INTERVALS *
 min_refresh_interval`` or until the key set changes) and answered without any fetch. A flood
@@ -594,6 +597,10 @@ class RemoteKeySource(_Base):
         self.kid_wait = min(kid_wait, self.cfg.timeout)
         self._inflight: asyncio.Task[bool] | None = None
         self._last_attempt: float | None = None  # monotonic start of the last fetch
+        # Monotonic start of the last fetch an unknown kid started: the kid-miss budget.
+        # Scheduled fetches are not counted, so they never delay the refetch for a key
+        # published between two refreshes (a kid flood still costs <= 1 fetch per interval).
+        self._last_kid_fetch: float | None = None
         self._next_refresh = 0.0
         self._wakeup = asyncio.Event()
         self._missing: dict[str, float] = {}  # kid -> monotonic expiry (negative cache)
@@ -644,10 +651,11 @@ class RemoteKeySource(_Base):
             del self._missing[kid]
         task = self._inflight
         if task is None or task.done():  # (the done callback may not have run yet)
-            if self._last_attempt is not None and \
-                    now - self._last_attempt < self.cfg.min_refresh_interval:
-                return False  # rate limit: at most one fetch per interval (catalog H1)
+            if self._last_kid_fetch is not None and \
+                    now - self._last_kid_fetch < self.cfg.min_refresh_interval:
+                return False  # rate limit: at most one kid refetch per interval (catalog H1)
             log.info("jwks provider=%s: unknown kid=%s, refetching", self.name, _safe(kid, 64))
+            self._last_kid_fetch = now
             task = self._fetch_shared()
         await asyncio.wait({task}, timeout=self.kid_wait)  # bounded; never cancels the fetch
         if self.verifier.has_kid(kid):
@@ -803,7 +811,9 @@ class RemoteKeySource(_Base):
             issuer = doc.get("issuer")
             if issuer != self.provider.issuer:
                 # OIDC Discovery 1.0 §4.3: the issuer MUST be identical to the one configured.
-                raise _FetchError(f"discovery issuer mismatch: got {_safe(issuer, 100)!s}")
+                raise _FetchError(
+                    f"discovery issuer mismatch: configured {_safe(self.provider.issuer, 100)}, "
+                    f"discovered {_safe(issuer, 100)}")
             uri = doc.get("jwks_uri")
             if not isinstance(uri, str):
                 raise _FetchError("discovery document has no jwks_uri")

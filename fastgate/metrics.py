@@ -205,18 +205,25 @@ class _Row:
     races a flush from another thread: it is simply picked up by the next flush.
     """
 
-    __slots__ = ("children", "counts", "flushed")
+    __slots__ = ("children", "counts", "factory", "flushed")
 
-    def __init__(self, children: Sequence[Any | None]) -> None:
-        self.children: tuple[Any | None, ...] = tuple(children)
+    def __init__(self, children: Sequence[Any | None],
+                 factory: Callable[[int], Any | None] | None = None) -> None:
+        self.children: list[Any | None] = list(children)
         self.counts: list[int] = [0] * len(self.children)
         self.flushed: list[int] = [0] * len(self.children)
+        # Creates the child of slot i on its first count (rows whose series are not pre-bound).
+        self.factory = factory
 
     def flush(self) -> None:
-        counts, flushed = self.counts, self.flushed
-        for i, child in enumerate(self.children):
+        counts, flushed, children = self.counts, self.flushed, self.children
+        for i, child in enumerate(children):
             v = counts[i]
-            if v != flushed[i] and child is not None:
+            if v == flushed[i]:
+                continue
+            if child is None and self.factory is not None:
+                child = children[i] = self.factory(i)
+            if child is not None:
                 child.inc(v - flushed[i])
                 flushed[i] = v
 
@@ -226,16 +233,26 @@ class _RouteRows:
 
     __slots__ = ("duration", "rejects", "requests")
 
-    def __init__(self, f: _Families, route: str) -> None:
+    def __init__(self, f: _Families, route: str, *, public: bool = False) -> None:
         self.requests = _Row(
             [f.requests.labels(route=route, status_class=c) for c in STATUS_CLASSES]
         )
         self.duration = _Histo(f.request_duration.labels(route=route), len(LATENCY_BUCKETS))
         # Indexed by Reason value; slot 0 (Reason.OK) has no child: OK is not a reject.
         rejects: list[Any | None] = [None] * _N_REASONS
-        for reason in REJECT_REASONS:
-            rejects[reason] = f.rejects.labels(route=route, reason=reason.label)
-        self.rejects = _Row(rejects)
+        if not public:
+            for reason in REJECT_REASONS:
+                rejects[reason] = f.rejects.labels(route=route, reason=reason.label)
+
+        def reject_child(slot: int) -> Any | None:
+            # An `auth: none` route never rejects, so its 16 reject series are not pre-bound
+            # (always-zero series cost the TSDB); should one ever count (the route got auth
+            # in a reload), its series appears at that flush.
+            if slot == Reason.OK:
+                return None
+            return f.rejects.labels(route=route, reason=Reason(slot).label)
+
+        self.rejects = _Row(rejects, reject_child)
 
 
 class _UpstreamRows:
@@ -366,6 +383,7 @@ class Metrics(MetricsBinding):
         "_jwks_keys_children",
         "_multiproc_dir",
         "_providers",
+        "_public_routes",
         "_registry",
         "_reload_children",
         "_retired",
@@ -393,6 +411,7 @@ class Metrics(MetricsBinding):
         enabled: bool = True,
         version: str | None = None,
         extension: str | None = None,
+        public_routes: Iterable[str] = (),
     ) -> None:
         self._multiproc_dir = _multiprocess_dir()
         self._registry = registry if registry is not None else CollectorRegistry()
@@ -419,6 +438,8 @@ class Metrics(MetricsBinding):
         self._upstream_rows: dict[str, _UpstreamRows] = {}
         self._providers: dict[str, int] = {}
         self._retired: set[str] = set()
+        # `auth: none` routes: no pre-bound reject series (see _RouteRows).
+        self._public_routes: set[str] = set(public_routes)
         self._bind_into(self, routes, upstreams)
         self._bind_providers(providers)
 
@@ -435,7 +456,7 @@ class Metrics(MetricsBinding):
         with self._flush_lock:  # flush iterates these dicts
             for r in route_names:
                 if r not in self._route_rows:
-                    self._route_rows[r] = _RouteRows(f, r)
+                    self._route_rows[r] = _RouteRows(f, r, public=r in self._public_routes)
             for u in upstream_names:
                 if u not in self._upstream_rows:
                     self._upstream_rows[u] = _UpstreamRows(f, u)
@@ -464,18 +485,23 @@ class Metrics(MetricsBinding):
         self._jwks_keys_children = [f.jwks_keys.labels(provider=p) for p in names]
         self._jwks_age_children: list[Any | None] = [None] * len(names)
 
-    def bind(self, *, routes: Sequence[str], upstreams: Sequence[str]) -> MetricsBinding:
+    def bind(self, *, routes: Sequence[str], upstreams: Sequence[str],
+             public_routes: Iterable[str] = ()) -> MetricsBinding:
         """Hot-path methods for another configuration's indexes, sharing this object's series.
 
         For hot reloads: compile each configuration with its own binding, so a request that
-        started before a reload finishes under the route it matched.
+        started before a reload finishes under the route it matched. ``public_routes`` names
+        the ``auth: none`` routes among ``routes`` (no reject series are pre-bound for a new
+        one).
         """
+        self._public_routes.update(public_routes)
         binding = MetricsBinding()
         self._bind_into(binding, routes, upstreams)
         return binding
 
     def reconfigure(
-        self, *, routes: Sequence[str], providers: Sequence[str], upstreams: Sequence[str]
+        self, *, routes: Sequence[str], providers: Sequence[str], upstreams: Sequence[str],
+        public_routes: Iterable[str] = (),
     ) -> None:
         """Switch this object's indexes (and the providers) to a reloaded configuration.
 
@@ -485,6 +511,7 @@ class Metrics(MetricsBinding):
         ``mark_process_dead``. A request in flight across the call counts under the new
         configuration's index: use :meth:`bind` to avoid that.
         """
+        self._public_routes.update(public_routes)
         self._bind_into(self, routes, upstreams)
         old = set(self._providers)
         self._bind_providers(providers)
@@ -610,15 +637,18 @@ class NullMetrics(Metrics):
         enabled: bool = False,
         version: str | None = None,
         extension: str | None = None,
+        public_routes: Iterable[str] = (),
     ) -> None:
         self._routes = (*routes, NO_ROUTE)
         self._upstreams = tuple(upstreams)
 
-    def bind(self, *, routes: Sequence[str], upstreams: Sequence[str]) -> MetricsBinding:
+    def bind(self, *, routes: Sequence[str], upstreams: Sequence[str],
+             public_routes: Iterable[str] = ()) -> MetricsBinding:
         return NullMetrics(routes=routes, upstreams=upstreams)
 
     def reconfigure(
-        self, *, routes: Sequence[str], providers: Sequence[str], upstreams: Sequence[str]
+        self, *, routes: Sequence[str], providers: Sequence[str], upstreams: Sequence[str],
+        public_routes: Iterable[str] = (),
     ) -> None:
         self._routes = (*routes, NO_ROUTE)
         self._upstreams = tuple(upstreams)
@@ -850,4 +880,5 @@ def multiprocess_ready(path: str | os.PathLike[str], providers: Iterable[str]) -
 def metrics_for(config: GatewayConfig) -> Metrics:
     """Metrics labelled with a gateway config's route, provider and upstream names."""
     return Metrics(routes=[r.name for r in config.routes], providers=list(config.providers),
-                   upstreams=list(config.upstreams), enabled=config.metrics)
+                   upstreams=list(config.upstreams), enabled=config.metrics,
+                   public_routes=[r.name for r in config.routes if r.auth is None])

@@ -107,7 +107,14 @@ READY_POLL: Final = 0.25
 RESTART_ONLY: Final = ("listen", "admin", "workers", "access_log", "metrics")
 """Config fields bound at start-up (sockets, processes, open files, the registry mode)."""
 
-_WORKER_CODE: Final = "from fastgate.supervisor import worker_main; worker_main()"
+# Run with ``-P`` (no working directory on sys.path: a source checkout's ./fastgate, which has
+# no compiled extension, must not shadow the installed package) and the master's own package
+# root put first, explicitly: a worker imports exactly the fastgate the master runs.
+_WORKER_CODE: Final = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
+                       "from fastgate.supervisor import worker_main; worker_main()")
+LOG_LEVEL_ENV: Final = "FASTGATE_LOG_LEVEL"
+"""Log level when ``--log-level`` is not given (debug, info, warning, error); default info."""
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _SIGNAL_NAMES: Final = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 # Messages (tuples; the first item is the kind).
@@ -117,12 +124,21 @@ _SIGNAL_NAMES: Final = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 #                     ("ready", {provider: bool}) | ("reloaded", request_id, generation, errors)
 
 
-def run(config: GatewayConfig, *, workers: int | None = None) -> int:
+def run(config: GatewayConfig, *, workers: int | None = None,
+        log_level: str | None = None) -> int:
     """Serve ``config`` until SIGTERM/SIGINT; the exit code (0 after a clean drain).
 
     ``workers`` (the ``--workers`` flag) overrides ``config.workers``; 0 = one per CPU.
+    ``log_level`` (``--log-level``) overrides ``$FASTGATE_LOG_LEVEL``; workers get the same.
     """
+    try:
+        level = resolve_log_level(log_level)
+    except ValueError as exc:
+        print(f"fastgate run: {exc}", file=sys.stderr)
+        return 2
+    os.environ[LOG_LEVEL_ENV] = level  # inherited by the workers (see _spawn)
     _setup_logging("")
+    log.debug("log level %s; fastgate from %s", level, Path(__file__).resolve().parent)
     # Until the loop's handler is installed, a SIGHUP must not kill the process (its default
     # action); it is ignored during start-up.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -145,18 +161,32 @@ def run(config: GatewayConfig, *, workers: int | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def resolve_log_level(name: str | None) -> str:
+    """``name``, else ``$FASTGATE_LOG_LEVEL``, else info; ValueError for anything else."""
+    value = (name if name is not None else os.environ.get(LOG_LEVEL_ENV) or "info").lower()
+    if value not in LOG_LEVELS:
+        source = "--log-level" if name is not None else LOG_LEVEL_ENV
+        raise ValueError(f"{source}: expected one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return value
+
+
 def _setup_logging(role: str) -> None:
     """Plain lines on stderr (a supervisor such as systemd or a container runtime adds time
-    and collects them); the process id and role tell the workers apart."""
+    and collects them); the process id and role tell the workers apart. The level comes from
+    ``$FASTGATE_LOG_LEVEL`` (set by :func:`run` from ``--log-level``)."""
     root = logging.getLogger()
     if root.handlers:
         return  # embedded: the host application configured logging
+    try:
+        level = resolve_log_level(None)
+    except ValueError:
+        level = "info"  # run() reported it already; a worker never fails over its log level
     tag = f" {role}" if role else ""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(
         f"%(asctime)s fastgate[%(process)d]{tag} %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
-    root.setLevel(logging.INFO)
+    root.setLevel(level.upper())
 
 
 def _keep_startup_settings(new: GatewayConfig, configured: GatewayConfig,
@@ -507,12 +537,13 @@ class _Master:
         slot.restart = None
         parent, child = socket.socketpair()
         env = dict(os.environ)
-        # The workers import the very fastgate this process runs, wherever it came from.
+        # The workers import the very fastgate this process runs, wherever it came from
+        # (see _WORKER_CODE): its package root goes first on their sys.path.
         root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", _WORKER_CODE, str(slot.index), str(child.fileno())],
+                [sys.executable, "-P", "-c", _WORKER_CODE, root, str(slot.index),
+                 str(child.fileno())],
                 pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         except OSError as exc:
             parent.close()
@@ -852,6 +883,8 @@ def worker_main() -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     index, fd = int(sys.argv[1]), int(sys.argv[2])
     _setup_logging(f"worker {index}")
+    log.debug("log level %s; fastgate from %s", os.environ.get(LOG_LEVEL_ENV, "info"),
+              Path(__file__).resolve().parent)
     conn = Connection(fd)
     try:
         msg = conn.recv()

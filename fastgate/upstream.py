@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator
-from typing import Final, Literal, cast
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -530,7 +530,8 @@ class UpstreamPool:
     """
 
     def __init__(self, config: UpstreamConfig, *, idle_timeout: float = IDLE_TIMEOUT,
-                 conn_class: type[_Conn] | None = None, max_head_bytes: int = 65536) -> None:
+                 conn_class: Callable[[UpstreamPool, asyncio.AbstractEventLoop], Any] | None = None,
+                 max_head_bytes: int = 65536) -> None:
         url = urlsplit(config.url)
         if url.scheme != "http":
             raise ValueError(f"upstream {config.name!r}: only http:// URLs are supported")
@@ -558,7 +559,9 @@ class UpstreamPool:
         self._closed = False
         # The connection type (relay mode: fastgate.relay.RelayConn) and the cap on a
         # response head it enforces while the head arrives.
-        self._conn_class: type[_Conn] = conn_class or _Conn
+        # (fastgate._http.RelayConn implements the attributes the pool reads of a _Conn.)
+        self._conn_class: Callable[[UpstreamPool, asyncio.AbstractEventLoop], Any] = \
+            conn_class or _Conn
         self.max_head_bytes = max_head_bytes
         #: ``Host: ...\r\n`` as bytes (the relay writes request heads itself).
         self.host_line = self._host_line.encode("ascii", "surrogateescape")
@@ -803,7 +806,7 @@ class UpstreamPool:
     async def _connect(self) -> _Conn:
         """Open a connection for an already counted slot."""
         loop = asyncio.get_running_loop()
-        conn = self._conn_class(self, loop)
+        conn: _Conn = self._conn_class(self, loop)
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await loop.create_connection(lambda: conn, self._host, self._port)

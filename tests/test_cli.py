@@ -6,7 +6,13 @@ them: what `fastgate token` prints must be a token fastgate itself accepts.
 
 from __future__ import annotations
 
+import contextlib
+import http.client
 import json
+import os
+import re
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -189,3 +195,146 @@ def _b64decode(text: str) -> bytes:
     import base64
 
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def test_token_refuses_an_alg_the_key_cannot_make(tmp_path: Path, rsa_key: rsa.RSAPrivateKey,
+                                                  ec_key: ec.EllipticCurvePrivateKey) -> None:
+    ec_pem = tmp_path / "ec.pem"
+    ec_pem.write_bytes(ec_key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    rsa_pem = str(pem_file(tmp_path, rsa_key))
+    jwk_path = tmp_path / "ec.jwk"
+    jwk_path.write_text(json.dumps({**ec_private_jwk(ec_key, "e1"), "alg": "ES384"}))
+    public_only = tmp_path / "public.jwk"
+    public_only.write_text(json.dumps(public_jwk(ec_key, "e1")))
+    for args, needle in [
+        (["--key", str(ec_pem), "--alg", "RS256"], "alg RS256 cannot be made with an EC P-256"),
+        (["--key", str(ec_pem), "--alg", "ES384"], "use ES256"),
+        (["--key", rsa_pem, "--alg", "ES256"], "use RS256 or RS384"),
+        (["--key", rsa_pem, "--alg", "HS256"], "cannot be made with an RSA 2048-bit key"),
+        (["--key", str(jwk_path)], "alg ES384 cannot be made"),  # the JWK's own alg
+        (["--key", str(public_only)], "a public JWK cannot sign"),
+    ]:
+        p = fastgate("token", *args, "sub=x")
+        assert p.returncode == 1, (args, p.stdout)
+        assert p.stdout == "", args  # no token at all
+        assert needle in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    # Every alg the key can make still works, and verifies.
+    p = fastgate("token", "--key", rsa_pem, "--kid", "k1", "--alg", "PS384", "--iss", ISS,
+                 "--exp", "1h30m")
+    assert p.returncode == 0, p.stderr
+    claims = verify(p.stdout.strip(), public_jwk(rsa_key, "k1"))
+    assert claims["exp"] - claims["iat"] == 5400
+
+
+def test_check_warns_about_a_prefix_like_path_regex(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "upstreams: {app: {url: 'http://127.0.0.1:1'}}\n"
+        "routes:\n"
+        "  - {name: slash, match: {path_regex: '^/mobile/v[0-9]+/'}, upstream: app, auth: none}\n"
+        "  - {name: anchored, match: {path_regex: '^/api/v[0-9]+'}, upstream: app, auth: none}\n"
+        "  - {name: fine, match: {path_regex: '/v[0-9]+/items/.*'}, upstream: app, auth: none}\n"
+        "  - {name: exact, match: {path_regex: '^/v[0-9]+/items$'}, upstream: app, auth: none}\n")
+    p = fastgate("check", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr  # a warning, not an error
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 2, p.stderr
+    assert "routes[0].match.path_regex (slash)" in warnings[0]
+    assert "only matches paths ending in '/'" in warnings[0]
+    assert "'^/mobile/v[0-9]+/.*'" in warnings[0]  # the fix, spelled out
+    assert "routes[1].match.path_regex (anchored)" in warnings[1]
+
+
+def test_verify_into_a_closed_pipe_prints_no_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "upstreams: {app: {url: 'http://127.0.0.1:1'}}\n"
+        "providers: {p: {issuer: 'https://idp.example.test/', secret: '" + "k" * 32 + "'}}\n"
+        "routes: [{name: r, match: {path: /}, upstream: app, auth: {providers: [p]}}]\n")
+    # `fastgate verify ... | head -0`: the reader is gone before anything is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        p = subprocess.run([sys.executable, "-m", "fastgate", "verify", "-c", str(cfg),
+                            "not-a-jwt"], cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                           text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert p.stderr == "", p.stderr
+    assert p.returncode == 141  # 128 + SIGPIPE, as a shell reports a writer cut off
+
+
+def test_run_log_level_is_checked(tmp_path: Path) -> None:
+    cfg = str(CONFIGS / "minimal.yaml")
+    p = fastgate("run", "-c", cfg, "--log-level", "loud")
+    assert p.returncode == 2 and "--log-level" in p.stderr and "Traceback" not in p.stderr
+    env = {**os.environ, "FASTGATE_LOG_LEVEL": "loud"}
+    p = fastgate("run", "-c", cfg, env=env)
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("fastgate run: FASTGATE_LOG_LEVEL: expected one of debug, "
+                                "info, warning, error, got 'loud'")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def test_workers_import_what_the_master_runs_not_the_working_directory(tmp_path: Path) -> None:
+    """cwd = a source checkout whose ./fastgate cannot import (no compiled extension there):
+    the workers must still import the package the master runs, and become ready."""
+    shadow = tmp_path / "checkout"
+    (shadow / "fastgate").mkdir(parents=True)
+    (shadow / "fastgate" / "__init__.py").write_text(
+        "raise ImportError('the ./fastgate of the working directory was imported')\n")
+    port, admin = _free_port(), _free_port()
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nworkers: 2\n"
+        "upstreams: {app: {url: 'http://127.0.0.1:1'}}\n"
+        "routes: [{name: r, match: {path: /}, upstream: app, auth: none}]\n")
+    # The master imports fastgate from the repository (as an installed `fastgate` script
+    # would import site-packages), whatever the working directory holds.
+    master = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+              "from fastgate.cli import main; sys.exit(main())")
+    err = tmp_path / "stderr.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FASTGATE_LOG_LEVEL")}
+    with open(err, "wb") as errf:
+        proc = subprocess.Popen([sys.executable, "-c", master, "run", "-c", str(cfg),
+                                 "--log-level", "debug"], cwd=shadow, env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=errf, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            with contextlib.suppress(OSError):
+                conn = http.client.HTTPConnection("127.0.0.1", admin, timeout=2)
+                try:
+                    conn.request("GET", "/readyz")
+                    status = conn.getresponse().status
+                finally:
+                    conn.close()
+                if status == 200:
+                    break
+            time.sleep(0.1)
+        log = err.read_text(errors="replace")
+        assert status == 200, log[-3000:]
+        assert "working directory was imported" not in log
+        # --log-level reaches the workers: each logs its level and where fastgate came from.
+        for index in (0, 1):
+            assert re.search(rf"worker {index} DEBUG fastgate.supervisor: log level debug; "
+                             rf"fastgate from {re.escape(str(ROOT / 'fastgate'))}", log), log
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(15)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)

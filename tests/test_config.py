@@ -325,8 +325,8 @@ def test_example_configs_exist_and_say_what_they_need() -> None:
     assert loopback.upstreams["echo"].url == "http://127.0.0.1:9001/base"
     assert loopback.admin == Address("::1", 0) and loopback.workers == 0
     errors = load_errors(CONFIGS / "gateway.yaml")
-    assert errors == ["providers.internal.secret: environment variable 'FASTGATE_HS_SECRET' "
-                      "is not set"]
+    assert [e.split(": ", 1)[1] for e in errors] == [
+        "providers.internal.secret: environment variable 'FASTGATE_HS_SECRET' is not set"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -425,14 +425,19 @@ routes: [{name: r, match: {path: /}, upstream: app, auth: {providers: [hs]}}]
 @pytest.mark.parametrize(("value", "seconds"), [
     (0, 0.0), (5, 5.0), (1.5, 1.5), ("500ms", 0.5), ("30s", 30.0), ("10m", 600.0),
     ("24h", 86400.0), ("1.5s", 1.5), ("0s", 0.0), ("90", 90.0), ("250ms", 0.25),
+    # compound forms (each unit once, largest first) and days
+    ("1h30m", 5400.0), ("7d", 604800.0), ("1d12h", 129600.0), ("2m30s", 150.0),
+    ("1h0m30s", 3630.0), ("1m500ms", 60.5), ("1.5h", 5400.0), ("0d1s", 1.0),
 ])
 def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("value", [
-    "2d", "1w", "-1s", "-1", "1 s", " 1s", "", "s", "1.5.5s", "10M", "1e3s", "ms", True, None,
-    -1, -0.5, float("nan"), float("inf"), [1], "1h30m",
+    "1w", "-1s", "-1", "1 s", " 1s", "", "s", "1.5.5s", "10M", "1e3s", "ms", True, None,
+    -1, -0.5, float("nan"), float("inf"), [1], "7D",
+    # compound forms: out of order, a unit twice, spaces, a trailing bare number
+    "30m1h", "1m1m", "1h 30m", "1h30", "h30m", "1d1d", "1s1m", "1h-30m",
 ])
 def test_durations_rejected(value: object) -> None:
     with pytest.raises(ValueError, match="invalid duration"):
@@ -443,13 +448,13 @@ def test_durations_rejected(value: object) -> None:
 
 def test_duration_errors_in_config_name_the_path() -> None:
     data = base()
-    data["drain_timeout"] = "2d"
+    data["drain_timeout"] = "2w"
     data["providers"]["okta"]["jwks_cache"] = {"timeout": "5 seconds"}
+    hint = ("use seconds (a number >= 0) or a string like 500ms, 30s, 10m, 24h, 7d or 1h30m "
+            "(each unit once, largest first)")
     assert errors_of(data) == [
-        "providers.okta.jwks_cache.timeout: invalid duration '5 seconds': use seconds "
-        "(a number >= 0) or a string like 500ms, 30s, 10m, 24h",
-        "drain_timeout: invalid duration '2d': use seconds (a number >= 0) or a string like "
-        "500ms, 30s, 10m, 24h",
+        f"providers.okta.jwks_cache.timeout: invalid duration '5 seconds': {hint}",
+        f"drain_timeout: invalid duration '2w': {hint}",
     ]
 
 
@@ -604,7 +609,12 @@ def test_broken_config_reports_every_error_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path, {})
     errors = info.value.errors
-    assert sorted(errors) == sorted(BROKEN_ERRORS), "\n".join(errors)
+    # Each error is "<file>:<line>:<column>: <path>: <message>", in document order.
+    located = [e.removeprefix(f"{path}:").split(":", 2) for e in errors]
+    assert all(e.startswith(f"{path}:") for e in errors), "\n".join(errors)
+    positions = [(int(line), int(column)) for line, column, _ in located]
+    assert positions == sorted(positions), "\n".join(errors)
+    assert sorted(rest.removeprefix(" ") for _, _, rest in located) == sorted(BROKEN_ERRORS)
     assert len(errors) >= 8
 
 
@@ -1083,8 +1093,8 @@ workers: -1
 upstreams: {app: {url: "http://127.0.0.1:2"}}
 """)
     errors = load_errors(path)
-    assert errors == [f"{path}:4:1: duplicate key 'upstreams' (first at line 1)",
-                      "workers: must be at least 0"]
+    assert errors == [f"{path}:3:10: workers: must be at least 0",
+                      f"{path}:4:1: duplicate key 'upstreams' (first at line 1)"]
 
 
 def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
@@ -1112,3 +1122,50 @@ def test_config_module_does_not_import_the_compiled_verifier_at_import_time() ->
     source = (Path(__file__).parent.parent / "fastgate" / "config.py").read_text()
     top_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
     assert not any("_verify" in line for line in top_level)
+
+
+def test_semantic_errors_carry_line_and_column_in_document_order(tmp_path: Path) -> None:
+    # routes come first in this file, although the loader checks providers before routes
+    path = write(tmp_path / "order.yaml", """\
+routes:
+  - name: r
+    match: {path: /}
+    upstream: nope
+    auth: {providers: [okta]}
+  - match: {path: /x}
+    upstream: app
+    auth: none
+providers:
+  okta:
+    issuer: https://idp.example.test/
+    discovery: true
+    clock_skew: ${SKEW}
+    colour: blue
+upstreams: {app: {url: "http://127.0.0.1:1"}}
+""")
+    assert load_errors(path) == [
+        f"{path}:4:15: routes[0].upstream: unknown upstream 'nope'",
+        f"{path}:6:5: routes[1].name: required key is missing",  # the enclosing mapping
+        f"{path}:13:17: providers.okta.clock_skew: environment variable 'SKEW' is not set",
+        f"{path}:14:5: providers.okta.colour: unknown key 'colour'",  # the key itself
+    ]
+
+
+def test_check_reads_stdin_and_names_it(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    doc = "upstreams: {app: {url: 'ftp://x'}}\nroutes: []\n"
+    p = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", "-"], input=doc,
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert "<stdin>:1:24: upstreams.app.url: must be http://host:port[/path]" in p.stderr
+    good = "upstreams: {app: {url: 'http://127.0.0.1:1'}}\n" \
+           "routes: [{name: r, match: {path: /}, upstream: app, auth: none}]\n"
+    p = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", "-"], input=good,
+                       capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "<stdin>: OK (1 routes, 0 providers, 1 upstreams)\n"
+    p = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", "-"], input=b"\xff",
+                       capture_output=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 1 and b"<stdin>: not UTF-8" in p.stderr

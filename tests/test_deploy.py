@@ -51,9 +51,25 @@ EXPECTED_KINDS: dict[str, list[tuple[str, str]]] = {
     "service.yaml": [("v1", "Service")],
     "hpa.yaml": [("autoscaling/v2", "HorizontalPodAutoscaler")],
     "pdb.yaml": [("policy/v1", "PodDisruptionBudget")],
-    "servicemonitor.yaml": [("v1", "Service"), ("monitoring.coreos.com/v1", "ServiceMonitor")],
+    "networkpolicy.yaml": [("networking.k8s.io/v1", "NetworkPolicy")],
     "kustomization.yaml": [("kustomize.config.k8s.io/v1beta1", "Kustomization")],
 }
+# Optional pieces, outside the base: the ServiceMonitor component, the overlay that uses it,
+# and examples that are never applied by `kubectl apply -k deploy/kubernetes`.
+OPTIONAL_KINDS: dict[str, list[tuple[str, str]]] = {
+    "components/servicemonitor/kustomization.yaml": [
+        ("kustomize.config.k8s.io/v1alpha1", "Component")],
+    "components/servicemonitor/servicemonitor.yaml": [
+        ("v1", "Service"), ("monitoring.coreos.com/v1", "ServiceMonitor")],
+    "overlays/prometheus-operator/kustomization.yaml": [
+        ("kustomize.config.k8s.io/v1beta1", "Kustomization")],
+    "examples/ingress-tls.yaml": [("networking.k8s.io/v1", "Ingress")],
+    "examples/gateway-api.yaml": [("gateway.networking.k8s.io/v1", "Gateway"),
+                                  ("gateway.networking.k8s.io/v1", "HTTPRoute")],
+    "examples/sidecar.yaml": [("v1", "ConfigMap"), ("apps/v1", "Deployment"),
+                              ("v1", "Service")],
+}
+SERVICEMONITOR = "components/servicemonitor/servicemonitor.yaml"
 
 # Values for the ${NAME} references of deploy/examples/gateway.yaml (each must pass the
 # loader's checks: a URL, an HS256 secret of >= 32 bytes, a SHA-256 hex digest).
@@ -203,9 +219,113 @@ def config_keys() -> set[str]:
 def test_every_manifest_parses_with_its_kind() -> None:
     present = {p.name for p in K8S.glob("*.yaml")} | {p.name for p in K8S.glob("*.yml")}
     assert present == set(EXPECTED_KINDS)
-    for name, expected in EXPECTED_KINDS.items():
+    nested = {str(p.relative_to(K8S)) for p in K8S.glob("*/**/*.y*ml")}
+    assert nested == set(OPTIONAL_KINDS)
+    for name, expected in {**EXPECTED_KINDS, **OPTIONAL_KINDS}.items():
         docs = load_docs(name)
         assert [(d["apiVersion"], d["kind"]) for d in docs] == expected, name
+
+
+def test_base_needs_no_operator_crds() -> None:
+    """`kubectl apply -k deploy/kubernetes` on a plain cluster: only built-in API groups."""
+    builtin = {"v1", "apps/v1", "autoscaling/v2", "policy/v1", "networking.k8s.io/v1"}
+    kust = only("kustomization.yaml", "Kustomization")
+    assert "components" not in kust
+    for name in kust["resources"]:
+        for doc in load_docs(name):
+            assert doc["apiVersion"] in builtin, (name, doc["apiVersion"])
+
+
+def test_servicemonitor_is_an_optional_component_used_by_the_overlay() -> None:
+    component = only("components/servicemonitor/kustomization.yaml", "Component")
+    assert component["resources"] == ["servicemonitor.yaml"]
+    # The component removes the scrape annotations (one discovery mechanism per pod) - each
+    # JSON patch `remove` must name an annotation that exists, or kustomize fails.
+    (patch,) = component["patches"]
+    target = patch["target"]
+    deployment = only("deployment.yaml", "Deployment")
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    ops = yaml.safe_load(patch["patch"])
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    prefix = "/spec/template/metadata/annotations/"
+    removed = {op["path"].removeprefix(prefix).replace("~1", "/") for op in ops
+               if op["op"] == "remove" and op["path"].startswith(prefix)}
+    assert len(removed) == len(ops)
+    assert removed == {k for k in annotations if k.startswith("prometheus.io/")}
+    overlay = only("overlays/prometheus-operator/kustomization.yaml", "Kustomization")
+    base = (K8S / "overlays/prometheus-operator" / overlay["resources"][0]).resolve()
+    assert overlay["resources"] == ["../.."] and base == K8S.resolve()
+    (comp,) = overlay["components"]
+    assert (K8S / "overlays/prometheus-operator" / comp / "kustomization.yaml").resolve() == (
+        K8S / "components/servicemonitor/kustomization.yaml").resolve()
+
+
+def test_networkpolicy_admits_the_data_plane_and_only_prometheus_on_admin(
+        k8s_config: GatewayConfig) -> None:
+    assert k8s_config.admin is not None
+    policy = only("networkpolicy.yaml", "NetworkPolicy")["spec"]
+    assert selects(policy["podSelector"]["matchLabels"], pod_labels())
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port: dict[int, list[dict[str, Any]]] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            by_port.setdefault(resolve_port(port["port"]), []).append(rule)
+    assert set(by_port) == {k8s_config.listen.port, k8s_config.admin.port}
+    (data_rule,) = by_port[k8s_config.listen.port]
+    assert "from" not in data_rule  # clients (through a Service or an ingress) from anywhere
+    (admin_rule,) = by_port[k8s_config.admin.port]
+    assert admin_rule["from"] and all("namespaceSelector" in peer or "podSelector" in peer
+                                      for peer in admin_rule["from"])
+    assert admin_rule is not data_rule
+
+
+def test_tls_examples_route_to_the_data_plane_service() -> None:
+    svc = only("service.yaml", "Service")
+    http_port = next(p for p in svc["spec"]["ports"] if p["name"] == "http")
+    ingress = only("examples/ingress-tls.yaml", "Ingress")["spec"]
+    assert ingress["tls"] and ingress["tls"][0]["secretName"]
+    for rule in ingress["rules"]:
+        assert rule["host"] in ingress["tls"][0]["hosts"]
+        for path in rule["http"]["paths"]:
+            backend = path["backend"]["service"]
+            assert backend["name"] == svc["metadata"]["name"]
+            assert backend["port"] == {"name": "http"}
+    gateway = only("examples/gateway-api.yaml", "Gateway")
+    (listener,) = gateway["spec"]["listeners"]
+    assert listener["protocol"] == "HTTPS" and listener["tls"]["mode"] == "Terminate"
+    route = only("examples/gateway-api.yaml", "HTTPRoute")["spec"]
+    assert route["parentRefs"][0]["name"] == gateway["metadata"]["name"]
+    assert route["parentRefs"][0]["sectionName"] == listener["name"]
+    for rule in route["rules"]:
+        for ref in rule["backendRefs"]:
+            assert (ref["name"], ref["port"]) == (svc["metadata"]["name"], http_port["port"])
+
+
+def test_sidecar_example_loads_and_exposes_only_fastgate(tmp_path: Path) -> None:
+    cm = only("examples/sidecar.yaml", "ConfigMap")
+    path = tmp_path / "gateway.yaml"
+    path.write_text(cm["data"]["gateway.yaml"], encoding="utf-8")
+    config = load_config(path, {})
+    assert config.admin is not None and config.admin.host == "0.0.0.0"
+    # The app is reached over the pod's loopback only.
+    assert all(u.url.startswith("http://127.0.0.1:") for u in config.upstreams.values())
+    deployment = only("examples/sidecar.yaml", "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    gate = containers["fastgate"]
+    assert "ports" not in containers["app"]
+    ports = {p["name"]: p["containerPort"] for p in gate["ports"]}
+    assert ports == {"http": config.listen.port, "admin": config.admin.port}
+    assert gate["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert gate["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    mount = next(m for m in gate["volumeMounts"] if m["mountPath"] == "/etc/fastgate")
+    volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+    assert volume["configMap"]["name"] == cm["metadata"]["name"]
+    pre_stop = float(gate["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + config.drain_timeout + STOP_MARGIN
+    svc = only("examples/sidecar.yaml", "Service")
+    assert selects(svc["spec"]["selector"], deployment["spec"]["template"]["metadata"]["labels"])
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
 
 
 def test_kustomization_lists_every_manifest_and_the_image() -> None:
@@ -272,8 +392,8 @@ def test_scrape_annotations_point_at_metrics(k8s_config: GatewayConfig) -> None:
 
 def test_servicemonitor_scrapes_the_admin_port(k8s_config: GatewayConfig) -> None:
     assert k8s_config.admin is not None
-    metrics_svc = only("servicemonitor.yaml", "Service")
-    monitor = only("servicemonitor.yaml", "ServiceMonitor")
+    metrics_svc = only(SERVICEMONITOR, "Service")
+    monitor = only(SERVICEMONITOR, "ServiceMonitor")
     assert metrics_svc["spec"]["clusterIP"] == "None"  # discovery only, no virtual IP
     assert selects(metrics_svc["spec"]["selector"], pod_labels())
     assert selects(monitor["spec"]["selector"]["matchLabels"], metrics_svc["metadata"]["labels"])
@@ -356,7 +476,13 @@ def test_dockerfile_exposes_listen_and_admin(k8s_config: GatewayConfig) -> None:
 def test_dockerfile_build_and_runtime_stages(k8s_config: GatewayConfig) -> None:
     assert k8s_config.admin is not None
     froms = docker("FROM")
-    assert [f.split()[0] for f in froms] == ["python:3.11-slim", "python:3.11-slim"]
+    assert [f.split()[0] for f in froms] == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
+    # The base image is one build argument: a tag by default, a digest when pinned.
+    defaults = [a for a in docker("ARG") if a.startswith("PYTHON_IMAGE=")]
+    assert len(defaults) == 1
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11-slim(@sha256:[0-9a-f]{64})?", defaults[0])
+    text = (ROOT / "Dockerfile").read_text(encoding="utf-8")
+    assert "--build-arg PYTHON_IMAGE=python:3.11-slim@sha256:" in text  # how to pin: documented
     runs = " ".join(docker("RUN"))
     assert "pip wheel --no-deps -w /wheels ." in runs
     assert "--no-index" in runs  # the runtime installs only the builder's wheels
@@ -364,6 +490,50 @@ def test_dockerfile_build_and_runtime_stages(k8s_config: GatewayConfig) -> None:
     (healthcheck,) = docker("HEALTHCHECK")
     assert f"127.0.0.1:{k8s_config.admin.port}/healthz" in healthcheck
     assert "curl" not in healthcheck  # not in the slim image
+
+
+def test_dockerfile_builds_from_the_constraints_file() -> None:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    copied = " ".join(docker("COPY"))
+    assert "constraints.txt" in copied
+    runs = " ".join(docker("RUN"))
+    assert "pip wheel -c constraints.txt" in runs
+    env = " ".join(docker("ENV"))
+    assert "PIP_CONSTRAINT=/src/constraints.txt" in env  # isolated build envs too
+    pins: dict[str, str] = {}
+    for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: not an exact pin: {line!r}"
+            pins[canonicalize_name(name)] = version
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        import tomllib
+
+        project = tomllib.load(f)
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    for text in wanted:
+        req = Requirement(text)
+        name = canonicalize_name(req.name)
+        assert name in pins, f"constraints.txt does not pin {req.name}"
+        assert req.specifier.contains(pins[name]), (text, pins[name])
+
+
+def test_dockerfile_has_oci_labels() -> None:
+    labels = " ".join(docker("LABEL"))
+    for key in ("title", "description", "version", "revision", "created", "licenses",
+                "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels, key
+    assert 'org.opencontainers.image.licenses="Apache-2.0"' in labels
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        import tomllib
+
+        project = tomllib.load(f)["project"]
+    assert project["license"] == "Apache-2.0"
+    assert "Apache License" in (ROOT / "LICENSE").read_text(encoding="utf-8")[:200]
+    assert f'ARG VERSION={project["version"]}' in (ROOT / "Dockerfile").read_text("utf-8")
 
 
 def test_dockerignore_keeps_host_build_outputs_out() -> None:

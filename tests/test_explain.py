@@ -153,14 +153,16 @@ def test_expired_shows_exp_against_now_and_skew(config: GatewayConfig, config_fi
     assert e.times["exp"] == NOW - 3600 and e.now == NOW and e.clock_skew == 60
     assert "1h 0m ago" in e.message and "clock skew 60s" in e.message
     assert 'error_description="token_expired"' in (e.www_authenticate or "")
-    assert not e.claims_verified  # a rejected token's claims are not vouched for
+    # The signature verified: these are the issuer's claims, only the exp check failed.
+    assert e.claims_verified
 
     p = cli("-c", str(config_file), "--now", str(NOW), token)
     assert p.returncode == 1, p.stderr
     assert p.stdout.startswith("REJECTED on route 'orders': 401 token_expired")
     assert "check:     exp" in p.stdout
     assert "(1h 0m ago)" in p.stdout and "clock skew 60s" in p.stdout
-    assert "claims (UNVERIFIED)" in p.stdout
+    assert "UNVERIFIED" not in p.stdout
+    assert "claims (signature verified; rejected by the exp check):" in p.stdout
 
     # Within the skew it is accepted; --now also takes ISO 8601.
     p = cli("-c", str(config_file), "--now", "2027-01-15T07:59:00Z",
@@ -316,3 +318,51 @@ def test_usage_errors(config: GatewayConfig, config_file: Path, key: SigningKey,
     assert p.returncode == 2
     p = cli("-c", str(config_file), "--now", "yesterday", token)
     assert p.returncode == 2 and "--now" in p.stderr
+
+
+def test_max_lifetime_is_explained_as_the_lifetime_check(key: SigningKey, other_key: SigningKey,
+                                                         tmp_path: Path) -> None:
+    doc = config_doc(key, other_key)
+    doc["providers"]["main"]["max_lifetime"] = "1h"
+    config = parse_config(doc, {})
+    # Issued now, valid for 2 h: exp is in the future, but the issuer gave it twice the life
+    # this provider allows.
+    token = make_token(key, user_claims(iat=int(NOW), exp=int(NOW) + 7200))
+    e = explain(config, token, None, NOW)
+    assert e.reason is Reason.TOKEN_EXPIRED and e.check == "max lifetime"
+    assert "exp - iat = 2h 0m" in e.message and "max_lifetime 1h 0m" in e.message
+    assert "accepted until" not in e.message  # not an exp problem that reads as valid
+    assert (e.lifetime, e.lifetime_from, e.max_lifetime) == (7200, "iat", 3600)
+    assert e.claims_verified
+    # Without iat the lifetime is measured from now.
+    no_iat = make_token(key, {k: v for k, v in user_claims(exp=int(NOW) + 5400).items()
+                              if k != "iat"})
+    e = explain(config, no_iat, None, NOW)
+    assert e.check == "max lifetime" and "exp - now = 1h 30m" in e.message
+    assert e.lifetime_from == "now"
+
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    p = cli("-c", str(path), "--now", str(NOW), token)
+    assert p.returncode == 1, p.stderr
+    assert "check:     max lifetime" in p.stdout
+    assert "lifetime:  exp - iat = 2h 0m (max_lifetime 1h 0m)" in p.stdout
+    assert "accepted until" not in p.stdout
+    p = cli("-c", str(path), "--now", str(NOW), "--json", token)
+    out = json.loads(p.stdout)
+    assert out["check"] == "max lifetime"
+    assert out["time"]["max_lifetime"] == 3600
+    assert out["time"]["lifetime"] == {"seconds": 7200, "from": "iat"}
+    assert out["claims_verified"] is True
+
+
+def test_opaque_and_encrypted_tokens_get_a_hint(config: GatewayConfig) -> None:
+    e = explain(config, "2YotnFZFEjr1zCsicMWpAA", None, NOW)  # RFC 6749 §4.1.4's example
+    assert e.reason is Reason.TOKEN_MALFORMED and e.check == "segment count"
+    assert e.message.startswith("not a JWT: an opaque access token?")
+    assert "configure the IdP for JWT access tokens" in e.message
+    jwe = ".".join(["eyJhbGciOiJSU0EtT0FFUCJ9", "a", "b", "c", "d"])
+    e = explain(config, jwe, None, NOW)
+    assert "encrypted token (JWE, 5 segments)" in e.message
+    e = explain(config, "a.b", None, NOW)
+    assert "2 segments" in e.message

@@ -553,11 +553,12 @@ def test_unknown_kid_negative_cache_and_rate_limit() -> None:
             src = await remote(idp, cache=cache, clock=clock)
             try:
                 assert idp.hits["/jwks"] == 1
-                # Within min_refresh_interval of the initial fetch: no fetch at all.
-                assert await src.refresh_for_kid("nope") is False
-                assert idp.hits["/jwks"] == 1
-                clock.advance(10)
+                # Right after start-up the kid still gets its one refetch: the start-up
+                # fetch is not a kid refetch.
                 assert await src.refresh_for_kid("nope") is False  # one fetch, kid missing
+                assert idp.hits["/jwks"] == 2
+                # Within min_refresh_interval of that refetch: no fetch at all.
+                assert await src.refresh_for_kid("nope-2") is False
                 assert idp.hits["/jwks"] == 2
                 clock.advance(10)
                 assert await src.refresh_for_kid("nope") is False  # known missing: no fetch
@@ -584,6 +585,47 @@ def test_unknown_kid_negative_cache_and_rate_limit() -> None:
                 assert await src.refresh_for_kid("") is False
                 assert await src.refresh_for_kid("x" * 1000) is False
                 assert idp.hits["/jwks"] == 7
+            finally:
+                await src.stop()
+
+    run(main())
+
+
+def test_kid_miss_budget_counts_kid_refetches_not_scheduled_ones() -> None:
+    async def main() -> None:
+        k1, k2, k3 = key("k1"), key("k2"), key("k3")
+        clock = FakeClock()
+        cache = JwksCacheConfig(timeout=1, min_refresh_interval=10)
+        async with IdP(keys=jwks_of(k1)) as idp:
+            src = await remote(idp, cache=cache, clock=clock)
+            try:
+                assert idp.hits["/jwks"] == 1  # the start-up fetch, this very instant
+                # The IdP publishes k2 and signs with it at once: one refetch, accepted.
+                idp.set_keys(k1, k2)
+                assert await src.refresh_for_kid("k2") is True
+                assert idp.hits["/jwks"] == 2
+                clock.advance(10)
+                # A scheduled refresh (the background loop's own fetch) ...
+                assert await src.refresh() is True
+                assert idp.hits["/jwks"] == 3
+                # ... does not use up the budget: a kid published right after it is fetched.
+                idp.set_keys(k1, k2, k3)
+                assert await src.refresh_for_kid("k3") is True
+                assert idp.hits["/jwks"] == 4
+                assert reason(src.verifier, token(k3, idp.issuer)) is Reason.OK
+                # The budget is spent for this interval: a kid flood costs nothing more, and
+                # another scheduled refresh in between does not reopen it.
+                rng = random.Random(9)
+                flood = [f"{rng.getrandbits(64):016x}" for _ in range(200)]
+                assert not any(await asyncio.gather(*(src.refresh_for_kid(k) for k in flood)))
+                assert idp.hits["/jwks"] == 4
+                assert await src.refresh() is True
+                assert idp.hits["/jwks"] == 5
+                assert await src.refresh_for_kid("late") is False
+                assert idp.hits["/jwks"] == 5
+                clock.advance(10)  # the next interval: one refetch again, then nothing
+                assert not any(await asyncio.gather(*(src.refresh_for_kid(k) for k in flood)))
+                assert idp.hits["/jwks"] == 6
             finally:
                 await src.stop()
 
@@ -778,7 +820,11 @@ def test_discovery_issuer_is_compared_exactly() -> None:
             await src.start()
             try:
                 assert await src.wait_ready(0.3) is False
-                assert "issuer mismatch" in (src.state.last_error or "")
+                error = src.state.last_error or ""
+                assert "issuer mismatch" in error
+                # Both sides, so the operator sees which one to fix.
+                assert f"configured {idp.issuer}/" in error
+                assert f"discovered {idp.issuer}" in error
             finally:
                 await src.stop()
 

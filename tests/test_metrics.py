@@ -660,3 +660,77 @@ def test_dashboard_is_valid_and_uses_only_spec_metrics() -> None:
     for panel in dash["panels"]:
         for target in panel.get("targets", []):
             assert target["datasource"]["uid"] == "${DS_PROMETHEUS}"
+
+
+# -- auth: none routes, prometheus-client internals ---------------------------------------------
+
+
+def test_no_reject_series_for_auth_none_routes() -> None:
+    from fastgate.config import parse_config
+    from fastgate.metrics import metrics_for
+
+    config = parse_config({
+        "upstreams": {"app": {"url": "http://127.0.0.1:1"}},
+        "providers": {"p": {"issuer": "https://idp.example.test/", "secret": "k" * 32}},
+        "routes": [
+            {"name": "orders", "match": {"path": "/o"}, "upstream": "app",
+             "auth": {"providers": ["p"]}},
+            {"name": "public", "match": {"path": "/p"}, "upstream": "app", "auth": "none"},
+        ],
+    }, {})
+    m = metrics_for(config)
+    _, s = parse(m.render())
+    rejects = {dict(labels)["route"] for (name, labels) in s if name == "fastgate_rejects_total"}
+    assert rejects == {"orders", NO_ROUTE}  # 16 always-zero series fewer per public route
+    for cls in STATUS_CLASSES:  # the request series of a public route are still there
+        assert value(s, "fastgate_requests_total", route="public", status_class=cls) == 0
+    # Should a public route ever count a reject, its series appears at the next flush.
+    m.reject(m.route_index("public"), Reason.TOKEN_MISSING)
+    _, s = parse(m.render())
+    assert value(s, "fastgate_rejects_total", route="public", reason="token_missing") == 1
+    assert ("fastgate_rejects_total",
+            frozenset({("route", "public"), ("reason", "token_expired")})) not in s
+    # A binding for a reloaded config that adds a public route pre-binds none for it either.
+    m.bind(routes=["orders", "public", "docs"], upstreams=["app"], public_routes=["docs"])
+    _, s = parse(m.render())
+    assert not any(dict(labels).get("route") == "docs"
+                   for (name, labels) in s if name == "fastgate_rejects_total")
+    assert value(s, "fastgate_requests_total", route="docs", status_class="2xx") == 0
+
+
+def test_prometheus_client_internals_fastgate_relies_on() -> None:
+    """fastgate.metrics uses two prometheus-client internals (no public API does the same):
+    a Histogram child's per-bucket ``_buckets`` values and ``_sum`` (to add many observations
+    at once), and ``values.ValueClass`` / ``MultiProcessValue`` (to switch to multi-process
+    mode after import). pyproject.toml caps prometheus-client below the next minor release;
+    if this test fails after raising the cap, adapt fastgate/metrics.py first."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client import values as pc_values
+
+    h = Histogram("probe_seconds", "probe", registry=CollectorRegistry(), buckets=(0.1, 1.0))
+    buckets = getattr(h, "_buckets", None)
+    total = getattr(h, "_sum", None)
+    assert isinstance(buckets, list) and len(buckets) == 3, "Histogram._buckets changed"
+    assert all(callable(getattr(b, "inc", None)) and callable(getattr(b, "get", None))
+               for b in buckets), "Histogram bucket values changed"
+    assert callable(getattr(total, "inc", None)), "Histogram._sum changed"
+    # Non-cumulative per-bucket values, exported cumulatively: what _Histo.flush assumes.
+    buckets[0].inc(2)
+    buckets[2].inc(1)
+    total.inc(5.0)
+    _, s = parse(generate_latest_of(h))
+    assert value(s, "probe_seconds_bucket", le="0.1") == 2
+    assert value(s, "probe_seconds_bucket", le="1.0") == 2
+    assert value(s, "probe_seconds_bucket", le="+Inf") == 3
+    assert value(s, "probe_seconds_sum") == 5.0
+    assert hasattr(pc_values, "ValueClass"), "prometheus_client.values.ValueClass is gone"
+    assert callable(getattr(pc_values, "MultiProcessValue", None)), "MultiProcessValue is gone"
+    assert hasattr(pc_values.MultiProcessValue(), "_multiprocess")  # type: ignore[no-untyped-call]
+
+
+def generate_latest_of(metric: Any) -> bytes:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(metric)
+    return bytes(generate_latest(registry))
