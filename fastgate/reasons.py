@@ -44,7 +44,11 @@ class Reason(IntEnum):
 
     @property
     def error(self) -> str | None:
-        """The RFC 6750 §3.1 error code, or None where the scheme defines none."""
+        """The body's ``error`` code: RFC 6750 §3.1's for credential problems; None for
+        token_missing (RFC 6750 §3.1: a request that lacked credentials gets no error code,
+        in the header or the body); ``service_unavailable`` for jwks_unavailable, which is not
+        a credential problem and has no RFC 6750 code (the gateway's own error vocabulary, as
+        ``bad_gateway``)."""
         return _ERROR[self]
 
     def www_authenticate(self, scope: str | None = None) -> str | None:
@@ -89,13 +93,13 @@ _ERROR: dict[Reason, str | None] = {r: "invalid_token" for r in Reason}
 _ERROR.update(
     {
         Reason.OK: None,
-        Reason.TOKEN_MISSING: "invalid_request",
+        Reason.TOKEN_MISSING: None,
         Reason.TOKEN_AMBIGUOUS: "invalid_request",
         Reason.INSUFFICIENT_SCOPE: "insufficient_scope",
         Reason.CLAIM_MISMATCH: "insufficient_scope",
         Reason.API_KEY_MISSING: "invalid_request",
         Reason.API_KEY_INVALID: "invalid_request",
-        Reason.JWKS_UNAVAILABLE: "temporarily_unavailable",
+        Reason.JWKS_UNAVAILABLE: "service_unavailable",
     }
 )
 

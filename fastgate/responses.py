@@ -8,8 +8,9 @@ Rules (see also SPEC §4):
 
 * Body: ``{"error":"<RFC 6750 code>","reason":"<label>"}``; with ``hide_reasons`` only
   ``{"error":...}`` (the label still reaches metrics and logs). RFC 6750 §3.1 defines no error
-  code for a request without credentials, so token_missing carries ``"error":"invalid_request"``
-  in the body (the Reason enum's code) but no ``error=`` attribute in the header.
+  code for a request without credentials, so token_missing has none in the header and none in
+  the body: ``{"reason":"token_missing"}``. jwks_unavailable's 503 says
+  ``"error":"service_unavailable"`` (no RFC 6750 code fits a gateway that cannot check yet).
 * ``failure_status`` replaces the status of every auth failure on the route, except
   jwks_unavailable: a 503 says "the gateway cannot check right now, retry" (with Retry-After),
   which is not the client's fault and must not look like a credential problem.
@@ -74,10 +75,12 @@ def _body(obj: dict[str, str]) -> bytes:
 
 def reject_body(reason: Reason, *, hide_reasons: bool = False) -> bytes:
     """``{"error":...,"reason":...}`` for a reject (SPEC §4)."""
-    error = reason.error or "invalid_request"
-    if hide_reasons:
-        return _body({"error": error})
-    return _body({"error": error, "reason": reason.label})
+    body: dict[str, str] = {}
+    if reason.error is not None:
+        body["error"] = reason.error  # none for token_missing: RFC 6750 §3.1
+    if not hide_reasons:
+        body["reason"] = reason.label
+    return _body(body)
 
 
 def build_reject(

@@ -76,13 +76,13 @@ def test_insufficient_scope_names_the_required_scopes() -> None:
 @pytest.mark.parametrize("reason", list(REJECT_REASONS), ids=lambda r: r.name)
 def test_rfc6750_error_codes(reason: Reason) -> None:
     expected = {
-        Reason.TOKEN_MISSING: "invalid_request",
+        Reason.TOKEN_MISSING: None,  # RFC 6750 §3.1: no credentials, no error code
         Reason.TOKEN_AMBIGUOUS: "invalid_request",
         Reason.API_KEY_MISSING: "invalid_request",
         Reason.API_KEY_INVALID: "invalid_request",
         Reason.INSUFFICIENT_SCOPE: "insufficient_scope",
         Reason.CLAIM_MISMATCH: "insufficient_scope",
-        Reason.JWKS_UNAVAILABLE: "temporarily_unavailable",
+        Reason.JWKS_UNAVAILABLE: "service_unavailable",
     }.get(reason, "invalid_token")
     assert reason.error == expected
 

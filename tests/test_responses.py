@@ -45,7 +45,14 @@ def test_every_reason(reason: Reason) -> None:
     assert resp.status == status
     assert resp.headers.get("WWW-Authenticate") == www
     assert resp.headers["Content-Type"] == "application/json"
-    assert orjson.loads(canned.body) == {"error": reason.error, "reason": reason.label}
+    expected = {"reason": reason.label}
+    if reason.error is not None:
+        expected["error"] = reason.error
+    assert orjson.loads(canned.body) == expected
+    # The body and the header agree (RFC 6750 §3.1): an error code in one is in the other.
+    www = reason.www_authenticate(None)
+    assert (reason.error is None) == (www is None or "error=" not in www) or \
+        reason is Reason.JWKS_UNAVAILABLE
     if reason is Reason.JWKS_UNAVAILABLE:
         assert resp.headers["Retry-After"] == "5"
     else:
@@ -60,7 +67,8 @@ def test_failure_status_and_hide_reasons() -> None:
             assert canned.status == 503  # not the client's fault: never overridden
         else:
             assert canned.status == 403
-        assert orjson.loads(canned.body) == {"error": reason.error}
+        assert orjson.loads(canned.body) == ({} if reason.error is None
+                                              else {"error": reason.error})
         assert canned.label == reason.label  # logs and metrics keep the reason
 
 
