@@ -169,7 +169,7 @@ cdef class Exchange:
     """One request and its response; the relay's sink."""
 
     cdef ClientProtocol proto
-    cdef bytes url
+    cdef public bytes url
     cdef list raw_headers
     cdef Py_ssize_t size
     cdef public str method
@@ -183,6 +183,8 @@ cdef class Exchange:
     cdef object tables, rt, task
     cdef public int route_index, status
     cdef public object label, upstream_s
+    cdef public int upstream_status  # the upstream's status (0: the gateway answered itself)
+    cdef public Py_ssize_t bytes_out
     cdef double started, upstream_t0
     cdef RelayConn conn
     cdef bytes head
@@ -191,6 +193,7 @@ cdef class Exchange:
 
     def __cinit__(self, ClientProtocol proto):
         self.proto = proto
+        self.method = ""  # until the head is complete (a parse error may come first)
         self.url = b""
         self.raw_headers = []
         self.keep_alive = True
@@ -209,6 +212,26 @@ cdef class Exchange:
     def remote(self):
         return self.proto.peer
 
+    @property
+    def client(self):
+        """The peer, or from a trusted proxy the address it appended to X-Forwarded-For."""
+        if self.proto.trusted and self.client_xff:
+            last = self.client_xff.rsplit(b",", 1)[-1].strip()
+            if last:
+                return last.decode("latin-1")
+        return self.proto.peer
+
+    @property
+    def bytes_in(self):
+        return self.size + self.body_bytes
+
+    @property
+    def user_agent(self):
+        for name, value in self.raw_headers:
+            if name.lower() == b"user-agent":
+                return value.decode("utf-8", "surrogateescape")
+        return None
+
     # -- the upstream's response (called by RelayConn) ---------------------------------------
 
     cdef void response_head(self, int status, bytes reason, list lines, Py_ssize_t length,
@@ -219,6 +242,7 @@ cdef class Exchange:
         self.upstream_s = monotonic() - self.upstream_t0
         self.tables.hooks.upstream_observe(self.rt.upstream_index, self.upstream_s)
         self.status = status
+        self.upstream_status = status
         self.wrote_head = True
         if status == 101:
             # RFC 6455 §4.2.2: the upgrade's own fields, then the connection is a tunnel.
@@ -261,8 +285,10 @@ cdef class Exchange:
         cdef list out = self.out
         if out:
             transport = self.proto.transport
+            data = out[0] if len(out) == 1 else b"".join(out)
+            self.bytes_out += len(data)
             if transport is not None and not transport.is_closing():
-                transport.write(out[0] if len(out) == 1 else b"".join(out))
+                transport.write(data)
             out.clear()
 
     cdef void response_end(self):
@@ -302,6 +328,7 @@ cdef class Exchange:
     cdef void tunnel_data(self, bytes data):
         self.flush()
         transport = self.proto.transport
+        self.bytes_out += len(data)
         if transport is not None:
             transport.write(data)
         self.proto.touch_tunnel()
@@ -324,7 +351,8 @@ cdef class ClientProtocol:
     cdef public object transport
     cdef public ReadGate gate
     cdef public object peer
-    cdef bint trusted, discard, eof, in_head, write_paused
+    cdef public bint trusted
+    cdef bint discard, eof, in_head, write_paused
     cdef Exchange cur  # the request being parsed
     cdef public Exchange active  # the request being answered
     cdef object queue  # deque of Exchanges pipelined behind it
@@ -792,9 +820,10 @@ cdef class ClientProtocol:
         ex.status = wire.status
         ex.label = wire.label
         transport = self.transport
+        data = wire.bytes(close=close, http10=ex.http10, head_only=ex.method == "HEAD")
+        ex.bytes_out += len(data)
         if transport is not None and not transport.is_closing():
-            transport.write(wire.bytes(close=close, http10=ex.http10,
-                                       head_only=ex.method == "HEAD"))
+            transport.write(data)
         ex.keep_alive = not close
         if close:
             self.discard = True

@@ -3,7 +3,11 @@
 A line holds ``time`` (RFC 3339 UTC, milliseconds), ``worker``, ``route`` (configured name or
 null), ``method``, ``path``, ``status``, ``reason`` (``Reason.label`` of a reject, else null),
 ``latency_s`` and ``upstream_latency_s`` (seconds as floats, null when the upstream was not
-reached). What is never written: the token, the API key, any header, and the query string
+reached), ``upstream_status`` (the upstream's status, null when the gateway answered itself),
+``client`` (the peer address, or from a ``trusted_proxies`` peer the address it put last in
+X-Forwarded-For), ``bytes_in`` / ``bytes_out`` (request head fields and body received,
+response bytes written) and ``user_agent`` (capped at :data:`MAX_USER_AGENT`). What is never
+written: the token, the API key, any other header, and the query string
 (query strings carry ``access_token`` / ``api_key``, SPEC §2 ``token_from``); the path is cut
 at ``?`` even when the caller passed the whole request target, and capped at
 :data:`MAX_PATH` characters. Untrusted strings (path, method) are JSON-escaped by orjson, so
@@ -39,7 +43,7 @@ import stat
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import IO, TYPE_CHECKING, Any, Final
+from typing import IO, Any, Final
 
 import orjson
 
@@ -47,15 +51,13 @@ from fastgate.config import AccessLogConfig
 from fastgate.reasons import REJECT_REASONS, Reason
 from fastgate.tasks import cancel_and_wait
 
-if TYPE_CHECKING:
-    from aiohttp.web import BaseRequest
-
 __all__ = ["MAX_METHOD", "MAX_PATH", "AccessLog", "RequestLogAdapter"]
 
 log = logging.getLogger("fastgate.accesslog")
 
 MAX_PATH: Final = 1024
 MAX_METHOD: Final = 32
+MAX_USER_AGENT: Final = 256
 _PIPE_BUF: Final = getattr(select, "PIPE_BUF", 512)
 _REJECT_LABELS: Final = frozenset(r.label for r in REJECT_REASONS)
 
@@ -118,6 +120,12 @@ class AccessLog:
         reason: Reason | str | None,
         latency: float,
         upstream_latency: float | None = None,
+        *,
+        upstream_status: int | None = None,
+        client: str | None = None,
+        bytes_in: int | None = None,
+        bytes_out: int | None = None,
+        user_agent: str | None = None,
     ) -> None:
         """Record one request.
 
@@ -145,12 +153,17 @@ class AccessLog:
             "reason": label,
             "latency_s": _micros(latency),
             "upstream_latency_s": None if upstream_latency is None else _micros(upstream_latency),
+            "upstream_status": upstream_status,
+            "client": None if client is None else _untrusted(client, MAX_METHOD * 2),
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "user_agent": None if user_agent is None else _untrusted(user_agent, MAX_USER_AGENT),
         }
         try:
             line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         except orjson.JSONEncodeError:
             # Lone surrogates (undecodable bytes) are not UTF-8: show them as escapes.
-            for key in ("route", "method", "path"):
+            for key in ("route", "method", "path", "client", "user_agent"):
                 if isinstance(record[key], str):
                     record[key] = record[key].encode("utf-8", "backslashreplace").decode()
             line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
@@ -231,8 +244,10 @@ def _untrusted(text: str, cap: int) -> str:
 
 class RequestLogAdapter:
     """:class:`AccessLog` behind the data plane's sink protocol (``fastgate.proxy.AccessLog``):
-    ``log(request, *, route, status, reason, duration)``. Method and path come from the
-    request (``raw_path``: as received, percent-encoding kept; its query is cut off)."""
+    ``log(exchange, *, route, status, reason, duration, upstream_latency)``. What the line says
+    of the request comes from the exchange (``fastgate._http.Exchange``): method, ``raw_path``
+    (as received, percent-encoding kept; its query is cut off), ``upstream_status``,
+    ``client``, ``bytes_in``, ``bytes_out``, ``user_agent``."""
 
     __slots__ = ("_log",)
 
@@ -241,7 +256,7 @@ class RequestLogAdapter:
 
     def log(
         self,
-        request: BaseRequest,
+        request: Any,
         *,
         route: str | None,
         status: int,
@@ -250,7 +265,9 @@ class RequestLogAdapter:
         upstream_latency: float | None = None,
     ) -> None:
         self._log(route, request.method, request.raw_path, status, reason, duration,
-                  upstream_latency)  # fmt: skip
+                  upstream_latency, upstream_status=request.upstream_status or None,
+                  client=request.client, bytes_in=request.bytes_in,
+                  bytes_out=request.bytes_out, user_agent=request.user_agent)
 
 
 def _micros(seconds: float) -> float:

@@ -23,7 +23,8 @@ from fastgate.reasons import Reason
 
 FIELDS = {
     "time", "worker", "route", "method", "path", "status", "reason",
-    "latency_s", "upstream_latency_s",
+    "latency_s", "upstream_latency_s", "upstream_status", "client", "bytes_in", "bytes_out",
+    "user_agent",
 }  # fmt: skip
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJl"
 API_KEY = "sk_live_51Habcdefghijklmnop"
@@ -70,6 +71,8 @@ def test_one_line_per_request_with_the_fields() -> None:
         "reason": None,
         "latency_s": 0.001235,
         "upstream_latency_s": 0.000988,
+        "upstream_status": None, "client": None, "bytes_in": None, "bytes_out": None,
+        "user_agent": None,
     }
     assert first["time"] == "2027-01-15T08:00:00.123Z"
     assert set(second) == FIELDS
@@ -293,37 +296,55 @@ def test_label_strings_from_the_data_plane() -> None:
 
 
 def test_adapter_logs_a_real_request_without_its_secrets() -> None:
-    """The data plane's sink protocol, fed by a real aiohttp request over loopback."""
+    """The data plane's sink, fed by the real gateway over loopback: the line's request fields
+    (client, bytes, user agent, upstream status) and none of its secrets."""
+    from fastgate.app import Gateway
+    from fastgate.config import (
+        Address, GatewayConfig, RouteConfig, RouteMatch, UpstreamConfig,
+    )
+    from tests.gateway_fixtures import EchoUpstream, read_response
+
     out = io.BytesIO()
     alog = AccessLog(AccessLogConfig(), worker=5, stream=out)
-    sink = RequestLogAdapter(alog)
 
-    async def handler(request: web.BaseRequest) -> web.Response:
-        sink.log(request, route="orders", status=401, reason="api_key_invalid", duration=0.002)
-        return web.Response(status=401)
-
-    async def main() -> None:
-        server = web.Server(handler)
-        listener = await asyncio.get_running_loop().create_server(server, "127.0.0.1", 0)
-        port = listener.sockets[0].getsockname()[1]
+    async def main() -> list[int]:
+        up = await EchoUpstream.start()
+        config = GatewayConfig(
+            listen=Address("127.0.0.1", 0), admin=None,
+            upstreams={"echo": UpstreamConfig("echo", up.url)},
+            routes=(RouteConfig("public", RouteMatch(path_prefix="/api/"), "echo"),))
+        gw = Gateway.build(config, access_log=RequestLogAdapter(alog))
+        await gw.start()
+        sizes = []
         try:
-            async with aiohttp.ClientSession() as session:
-                url = f"http://127.0.0.1:{port}/api/orders/%0D%0A42"
-                params = {"access_token": TOKEN, "api_key": API_KEY}
-                headers = {"Authorization": f"Bearer {TOKEN}", "X-API-Key": API_KEY}
-                async with session.get(url, params=params, headers=headers) as resp:
-                    assert resp.status == 401
+            for target in (f"/api/orders/%7E42?access_token={TOKEN}&api_key={API_KEY}",
+                           "/nowhere"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+                request = (f"GET {target} HTTP/1.1\r\nHost: gw.test\r\n"
+                           f"Authorization: Bearer {TOKEN}\r\nX-API-Key: {API_KEY}\r\n"
+                           "User-Agent: probe/1.0 \u00e9\u0085\r\nConnection: close\r\n\r\n")
+                writer.write(request.encode())
+                await read_response(reader)
+                writer.close()
+                sizes.append(len(request.encode()))
         finally:
-            listener.close()
-            await listener.wait_closed()
-            await server.shutdown(1.0)
+            await gw.stop()
+            await up.stop()
             await alog.stop()
+        return sizes
 
-    asyncio.run(main())
+    sizes = asyncio.run(main())
     raw = out.getvalue()
     for secret in (TOKEN, API_KEY, "access_token", "api_key=", "Bearer", "?"):
         assert secret.encode() not in raw
-    (line,) = lines(out)
-    assert line["path"] == "/api/orders/%0D%0A42"  # as received, percent-encoding kept
-    assert (line["method"], line["route"], line["status"]) == ("GET", "orders", 401)
-    assert (line["reason"], line["worker"], line["latency_s"]) == ("api_key_invalid", 5, 0.002)
+    admitted, not_found = lines(out)
+    assert set(admitted) == FIELDS
+    assert admitted["path"] == "/api/orders/%7E42"  # as received, percent-encoding kept
+    assert (admitted["method"], admitted["route"], admitted["status"]) == ("GET", "public", 200)
+    assert admitted["upstream_status"] == 200 and admitted["client"] == "127.0.0.1"
+    # obs-text passes (RFC 9110 §5.5); a C1 control is percent-encoded in the line.
+    assert admitted["user_agent"] == "probe/1.0 \u00e9%85"
+    assert 0 < admitted["bytes_in"] <= sizes[0] and admitted["bytes_out"] > 100
+    assert (not_found["status"], not_found["upstream_status"], not_found["route"]) == \
+        (404, None, None)
+    assert not_found["bytes_out"] > 0 and not_found["worker"] == 5
