@@ -7,10 +7,12 @@ control, its declarations in _flow.pxd)."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
+# -s: the installed modules carry no symbol tables (a wheel need not ship debug data).
+_LINK = ["-s"]
 extensions = [
-    Extension("fastgate._verify", ["fastgate/_verify.pyx"]),
-    Extension("fastgate._flow", ["fastgate/_flow.pyx"]),
-    Extension("fastgate._http", ["fastgate/_http.pyx"]),
+    Extension("fastgate._verify", ["fastgate/_verify.pyx"], extra_link_args=_LINK),
+    Extension("fastgate._flow", ["fastgate/_flow.pyx"], extra_link_args=_LINK),
+    Extension("fastgate._http", ["fastgate/_http.pyx"], extra_link_args=_LINK),
 ]
 
 setup(

@@ -35,6 +35,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+for _module, _dist in (("jwt", "PyJWT"), ("joserfc", "joserfc"), ("jwcrypto", "jwcrypto")):
+    try:
+        __import__(_module)
+    except ImportError:
+        # The peers are the bench extra's: say so instead of a traceback.
+        sys.exit(f"benchmarks/verify.py compares fastgate with {_dist}, which is not installed:"
+                 " pip install -e '.[bench]'")
+
 import jwt as pyjwt  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, padding  # noqa: E402

@@ -254,7 +254,8 @@ def compile_tables(
     # request that started on these tables counts under its route across a reload.
     bind = getattr(metrics, "bind", None)
     hooks = MetricsHooks(
-        bind(routes=[r.name for r in config.routes], upstreams=upstream_names)
+        bind(routes=[r.name for r in config.routes], upstreams=upstream_names,
+             public_routes=[r.name for r in config.routes if r.auth is None])
         if callable(bind) else metrics)
     return Tables(
         config=config,

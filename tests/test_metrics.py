@@ -696,6 +696,19 @@ def test_no_reject_series_for_auth_none_routes() -> None:
     assert not any(dict(labels).get("route") == "docs"
                    for (name, labels) in s if name == "fastgate_rejects_total")
     assert value(s, "fastgate_requests_total", route="docs", status_class="2xx") == 0
+    # ... and the gateway's own reload path (compile_tables) binds that way.
+    from dataclasses import replace
+
+    from fastgate.app import compile_tables
+    from fastgate.config import RouteConfig, RouteMatch
+
+    reloaded = replace(config, routes=(*config.routes,
+                                       RouteConfig("status", RouteMatch(path="/s"), "app")))
+    compile_tables(reloaded, metrics=m)
+    _, s = parse(m.render())
+    assert not any(dict(labels).get("route") == "status"
+                   for (name, labels) in s if name == "fastgate_rejects_total")
+    assert value(s, "fastgate_requests_total", route="status", status_class="2xx") == 0
 
 
 def test_prometheus_client_internals_fastgate_relies_on() -> None:
