@@ -2,7 +2,8 @@
 
 fastgate/_verify.pyx: token parsing, checking and verification; fastgate/_http.pyx: the
 HTTP/1.1 data plane (client protocol and upstream relay), with fastgate/_flow.pyx (flow
-control, its declarations in _flow.pxd)."""
+control, its declarations in _flow.pxd); fastgate/_counters.pyx: the metrics counters a
+request updates."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -13,6 +14,7 @@ extensions = [
     Extension("fastgate._verify", ["fastgate/_verify.pyx"], extra_link_args=_LINK),
     Extension("fastgate._flow", ["fastgate/_flow.pyx"], extra_link_args=_LINK),
     Extension("fastgate._http", ["fastgate/_http.pyx"], extra_link_args=_LINK),
+    Extension("fastgate._counters", ["fastgate/_counters.pyx"], extra_link_args=_LINK),
 ]
 
 setup(

@@ -60,6 +60,14 @@ cdef object HttpParserUpgrade = httptools.HttpParserUpgrade
 cdef object HttpRequestParser = httptools.HttpRequestParser
 cdef object HttpResponseParser = httptools.HttpResponseParser
 cdef object REASON_OK = Reason.OK
+cdef object REASON_MISSING = Reason.TOKEN_MISSING
+cdef object REASON_AMBIGUOUS = Reason.TOKEN_AMBIGUOUS
+cdef object REASON_TOO_LARGE = Reason.TOKEN_TOO_LARGE
+cdef object REASON_MALFORMED = Reason.TOKEN_MALFORMED
+cdef object REASON_KEY_NOT_FOUND = Reason.KEY_NOT_FOUND
+cdef object REASON_JWKS_UNAVAILABLE = Reason.JWKS_UNAVAILABLE
+#: Claim-header blocks remembered per route (fastgate.proxy.RouteRuntime.claim_cache).
+cdef Py_ssize_t CLAIM_CACHE_MAX = 4096
 
 cdef object W_BAD_REQUEST = Wire(BAD_REQUEST)
 cdef object W_NOT_FOUND = Wire(NOT_FOUND)
@@ -101,6 +109,13 @@ cdef enum:
     T_BODY = 3  # a request body is arriving (the route's upstream read_timeout)
     T_SEND = 4  # the client does not take its response
     T_TUNNEL = 5  # WebSocket tunnel idle
+
+# fast_auth outcomes.
+cdef enum:
+    FA_OK = 0  # admitted: ex.claims (None with allow_missing) and ex.token are set
+    FA_DONE = 1  # rejected: answered
+    FA_SLOW = 2  # must wait for keys: the slow path
+    FA_GENERIC = 3  # not the fast shape: DataPlane.authenticate_now decides
 
 # Exchange states.
 cdef enum:
@@ -180,7 +195,7 @@ cdef class Exchange:
     cdef object host, client_xff, client_xfp, client_xfh
     cdef int hosts, state
     cdef RequestHeaders auth_headers
-    cdef object tables, rt, task
+    cdef object tables, rt, task, claims, token
     cdef public int route_index, status
     cdef public object label, upstream_s
     cdef public int upstream_status  # the upstream's status (0: the gateway answered itself)
@@ -690,16 +705,86 @@ cdef class ClientProtocol:
         found = None
         if rt.auth and not (rt.cors_bypass and method == "OPTIONS" and "Origin" in auth_headers
                             and "Access-Control-Request-Method" in auth_headers):
-            decided = plane.authenticate_now(rt, hooks, auth_headers, qs)
-            if decided is None:
-                # Slow path: an unknown kid or a cold start (SPEC §5), or mode: all.
-                ex.task = self.loop.create_task(_decide_later(self, ex, fwd, path, qs))
+            outcome = self.fast_auth(ex, rt, hooks)
+            if outcome == FA_DONE:
                 return
-            reason, claims, found = decided
+            if outcome == FA_OK:
+                claims = ex.claims
+                if not rt.forward_token and ex.token is not None:
+                    found = [(0, ex.token)]
+            else:
+                decided = None if outcome == FA_SLOW else \
+                    plane.authenticate_now(rt, hooks, auth_headers, qs)
+                if decided is None:
+                    # Slow path: an unknown kid or a cold start (SPEC §5), or mode: all.
+                    ex.task = self.loop.create_task(_decide_later(self, ex, fwd, path, qs))
+                    return
+                reason, claims, found = decided
+                if reason is not REASON_OK:
+                    self.reject(ex, reason)
+                    return
+                if found is not None and len(found) == 1:
+                    ex.token = found[0][1]
+        self.admit(ex, fwd, path, qs, claims, found)
+
+    cdef int fast_auth(self, Exchange ex, rt, hooks):
+        """The common route's decision without Python calls (see RouteRuntime.fast_header):
+        the same steps and answers as TokenExtractor.extract + DataPlane.authenticate_now."""
+        cdef bytes header = rt.fast_header
+        cdef bytes prefix, value
+        cdef Py_ssize_t plen
+        cdef double began
+        if header is None:
+            return FA_GENERIC
+        values = ex.auth_headers._map.get(header)
+        if values is None:
+            if rt.allow_missing:
+                ex.claims = None  # SPEC §2: no token -> forwarded without claim headers
+                return FA_OK
+            self.reject(ex, REASON_MISSING)
+            return FA_DONE
+        if len(values) != 1:
+            return FA_GENERIC  # several lines: the extractor's ambiguity rules
+        value = values[0]
+        prefix = rt.fast_prefix
+        plen = len(prefix)
+        if value[:plen].lower() != prefix:
+            return FA_GENERIC  # another scheme, or a bare "Bearer"
+        token = value[plen:].decode("utf-8", "surrogateescape")
+        # TokenExtractor.check: shape only, no decoding.
+        if "," in token:
+            self.reject(ex, REASON_AMBIGUOUS)  # a folded list of credentials
+            return FA_DONE
+        if len(token) > rt.max_token_chars:
+            self.reject(ex, REASON_TOO_LARGE)
+            return FA_DONE
+        if not token or " " in token or "\t" in token:
+            self.reject(ex, REASON_MALFORMED)
+            return FA_DONE
+        began = monotonic()
+        result = rt.issuer_set.verify(token)
+        if result.cached:
+            hooks.cache_lookup(True)
+        else:
+            # Only real verifications are timed: a cache hit is counted, not observed.
+            hooks.verify_observe(monotonic() - began)
+            hooks.cache_lookup(False)
+        if not result.ok:
+            reason = result.reason
+            if (reason is REASON_KEY_NOT_FOUND or reason is REASON_JWKS_UNAVAILABLE) and \
+                    result.verifier in rt.key_sources:
+                return FA_SLOW  # an unknown kid or a cold start (SPEC §5)
+            self.reject(ex, reason)
+            return FA_DONE
+        claims = result.claims
+        if rt.policy_checks:
+            reason = rt.policy.check(claims)
             if reason is not REASON_OK:
                 self.reject(ex, reason)
-                return
-        self.admit(ex, fwd, path, qs, claims, found)
+                return FA_DONE
+        ex.claims = claims
+        ex.token = token
+        return FA_OK
 
     cdef void reject(self, Exchange ex, reason):
         rt = ex.rt
@@ -733,10 +818,19 @@ cdef class ClientProtocol:
         if ex.host is None:
             parts.append(pool.host_line)  # RFC 9112 §3.2: Host is mandatory in HTTP/1.1
         if claims is not None and rt.policy_headers:
-            for name_s, value_s in rt.policy.headers(claims):
+            token = ex.token
+            cache = rt.claim_cache
+            block = cache.get(token) if token is not None else None
+            if block is None:
                 # encode_claim never yields CR, LF or NUL (SPEC §2): no header injection.
-                parts.append(name_s.encode("latin-1") + SEP
-                             + value_s.encode("utf-8", "surrogateescape") + CRLF)
+                block = b"".join([name_s.encode("latin-1") + SEP
+                                  + value_s.encode("utf-8", "surrogateescape") + CRLF
+                                  for name_s, value_s in rt.policy.headers(claims)])
+                if token is not None:
+                    if len(cache) >= CLAIM_CACHE_MAX:
+                        cache.clear()
+                    cache[token] = block
+            parts.append(block)
         # X-Forwarded-*: a trusted proxy's values are kept and the peer appended; anyone
         # else's are replaced (RFC 7239 §5.2 practice for the de-facto headers).
         peer = (self.peer or "").encode("ascii", "replace")
@@ -765,7 +859,14 @@ cdef class ClientProtocol:
             self.transport.write(CONTINUE)
         if not ex.complete and (ex.chunked_in or ex.content_length > 0):
             self.arm(T_BODY, rt.body_timeout)
-        conn = pool.take_idle()
+        # UpstreamPool.take_idle, inline: the warmest idle connection (LIFO).
+        idle = pool._idle
+        conn = None
+        while idle:
+            conn = idle.pop()
+            if not (<RelayConn>conn).dead:
+                break
+            conn = None
         if conn is None:
             self.connect_then_send(ex, False)
         else:

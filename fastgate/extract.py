@@ -172,6 +172,12 @@ class TokenExtractor:
                             found.append((src.index, value))
         return found
 
+    @property
+    def single(self) -> _Compiled | None:
+        """The one header source with a scheme prefix, when that is the whole configuration
+        (the data plane's compiled fast path uses its ``name`` and lower-case ``prefix``)."""
+        return self._single
+
     def check(self, token: str) -> Reason:
         """Shape checks on one extracted credential (no decoding)."""
         if "," in token:

@@ -45,7 +45,6 @@ import contextlib
 import importlib.machinery
 import os
 import threading
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -61,6 +60,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _pc_multiprocess
 from prometheus_client import values as _pc_values
 
+from fastgate._counters import Counters, configure
 from fastgate.config import GatewayConfig
 from fastgate.reasons import REJECT_REASONS, Reason
 from fastgate.tasks import cancel_and_wait
@@ -89,7 +89,7 @@ NO_ROUTE: Final = "_none"
 """The route label of a request that matched no route (its ``route_idx`` is ``len(routes)``)."""
 
 STATUS_CLASSES: Final = ("1xx", "2xx", "3xx", "4xx", "5xx")
-UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset", "protocol")
+UPSTREAM_ERROR_KINDS: Final = ("connect", "timeout", "reset", "protocol", "tls")
 CACHE_RESULTS: Final = ("miss", "hit")  # indexed by the bool `hit`
 FETCH_RESULTS: Final = ("success", "failure")
 RELOAD_RESULTS: Final = ("success", "failure")
@@ -112,6 +112,7 @@ _KIND_SLOT: Final = {kind: i for i, kind in enumerate(UPSTREAM_ERROR_KINDS)}
 _N_REASONS: Final = max(Reason) + 1
 _INFLIGHT: Final = 0  # slots of the shared gauges list
 _CACHE_ENTRIES: Final = 1
+configure(LATENCY_BUCKETS, VERIFY_BUCKETS, _STATUS_SLOT, _KIND_SLOT)
 
 _HELP: Final = {
     "requests": "Requests handled, by route and response status class.",
@@ -119,7 +120,7 @@ _HELP: Final = {
     "rejects": "Requests rejected by the auth layer, by route and reason.",
     "verify_duration": "Token verification time.",
     "upstream_duration": "Time from sending the request upstream to the response head.",
-    "upstream_errors": "Upstream failures, by kind (connect, timeout, reset, protocol).",
+    "upstream_errors": "Upstream failures, by kind (connect, timeout, reset, protocol, tls).",
     "cache_lookups": "Verified-token cache lookups, by result (hit, miss).",
     "cache_entries": "Entries in the verified-token caches (summed over workers).",
     "jwks_fetches": "JWKS / discovery fetches, by provider and result.",
@@ -264,8 +265,11 @@ class _UpstreamRows:
                             for k in UPSTREAM_ERROR_KINDS])  # fmt: skip
 
 
-class MetricsBinding:
-    """The hot-path methods for one configuration's route and upstream indexes.
+class MetricsBinding(Counters):
+    """The hot-path methods for one configuration's route and upstream indexes (compiled in
+    :class:`fastgate._counters.Counters`: ``request_done``, ``reject``, ``verify_observe``,
+    ``cache_lookup``, ``cache_entries``, ``upstream_observe``, ``upstream_error``,
+    ``inflight_inc``, ``inflight_dec``).
 
     ``route_idx`` is the index in that configuration's ``routes`` (``config.routes`` order),
     ``len(routes)`` meaning "no route matched" (label ``_none``); ``upstream_idx`` is the index
@@ -274,18 +278,7 @@ class MetricsBinding:
     after a reload) keeps counting under the names it was made for.
     """
 
-    __slots__ = (
-        "_cache",
-        "_gauges",
-        "_rejects",
-        "_req",
-        "_req_dur",
-        "_routes",
-        "_up_dur",
-        "_up_err",
-        "_upstreams",
-        "_verify",
-    )
+    __slots__ = ("_routes", "_upstreams")
     _routes: tuple[str, ...]
     _upstreams: tuple[str, ...]
     _req: list[list[int]]  # [route_idx][status slot]
@@ -319,43 +312,6 @@ class MetricsBinding:
 
     def upstream_index(self, upstream: str) -> int:
         return self._upstreams.index(upstream)
-
-    def request_done(self, route_idx: int, status: int, seconds: float) -> None:
-        """One finished request (rejects included): its status class and its duration."""
-        self._req[route_idx][_STATUS_SLOT[status // 100]] += 1
-        cells = self._req_dur[route_idx]
-        cells[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        cells[-1] += seconds
-
-    def reject(self, route_idx: int, reason: Reason) -> None:
-        """An auth reject (also call ``request_done`` for the request). OK is not counted."""
-        self._rejects[route_idx][reason] += 1
-
-    def verify_observe(self, seconds: float) -> None:
-        cells = self._verify
-        cells[bisect_left(VERIFY_BUCKETS, seconds)] += 1
-        cells[-1] += seconds
-
-    def cache_lookup(self, hit: bool) -> None:
-        self._cache[hit] += 1
-
-    def cache_entries(self, n: int) -> None:
-        self._gauges[_CACHE_ENTRIES] = n
-
-    def upstream_observe(self, upstream_idx: int, seconds: float) -> None:
-        cells = self._up_dur[upstream_idx]
-        cells[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        cells[-1] += seconds
-
-    def upstream_error(self, upstream_idx: int, kind: str) -> None:
-        """``kind`` is ``UpstreamError.kind``: connect | timeout | reset | protocol."""
-        self._up_err[upstream_idx][_KIND_SLOT[kind]] += 1
-
-    def inflight_inc(self) -> None:
-        self._gauges[_INFLIGHT] += 1
-
-    def inflight_dec(self) -> None:
-        self._gauges[_INFLIGHT] -= 1
 
 
 class Metrics(MetricsBinding):
@@ -398,8 +354,8 @@ class Metrics(MetricsBinding):
     def __new__(cls, *args: Any, enabled: bool = True, **kwargs: Any) -> Metrics:
         # `Metrics(enabled=False)` is a NullMetrics: the data plane never branches on it.
         if not enabled and cls is Metrics:
-            return object.__new__(NullMetrics)
-        return object.__new__(cls)
+            return Counters.__new__(NullMetrics)
+        return Counters.__new__(cls)
 
     def __init__(
         self,
@@ -659,7 +615,7 @@ class NullMetrics(Metrics):
     def request_done(self, route_idx: int, status: int, seconds: float) -> None:
         pass
 
-    def reject(self, route_idx: int, reason: Reason) -> None:
+    def reject(self, route_idx: int, reason: int) -> None:
         pass
 
     def verify_observe(self, seconds: float) -> None:

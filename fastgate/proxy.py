@@ -108,8 +108,9 @@ class RouteRuntime:
     """Everything the handler needs for one route, compiled once (no dicts of options)."""
 
     __slots__ = (
-        "allow_missing", "api_key", "auth", "body_timeout", "cors_bypass", "extractor",
-        "forward_token", "index", "issuer_set", "key_sources", "mode_all", "name", "policy",
+        "allow_missing", "api_key", "auth", "body_timeout", "claim_cache", "cors_bypass",
+        "extractor", "fast_header", "fast_prefix", "forward_token", "index", "issuer_set",
+        "key_sources", "max_token_chars", "mode_all", "name", "policy",
         "policy_checks", "policy_headers", "pool", "rejects", "route", "upstream",
         "upstream_index", "verifiers", "wires",
     )
@@ -156,6 +157,20 @@ class RouteRuntime:
         self.allow_missing = allow_missing
         self.forward_token = forward_token
         self.cors_bypass = cors_bypass
+        # The compiled protocol's fast path for the common route: one header source with a
+        # scheme prefix (Authorization: Bearer), mode any, no API key. It does what
+        # authenticate_now does for that shape (the extractor's own fast path, then the
+        # verify), without the Python calls; anything else goes through authenticate_now.
+        single = extractor.single if extractor is not None else None
+        fast = single is not None and not mode_all and issuer_set is not None and \
+            api_key is None
+        self.fast_header: bytes | None = \
+            single.name.lower().encode("latin-1") if fast and single is not None else None
+        self.fast_prefix: bytes = single.prefix.encode("latin-1") if fast and single else b""
+        self.max_token_chars: int = extractor.max_token_bytes if extractor is not None else 0
+        # Claim headers are a function of the verified token alone: remembered per token
+        # (bounded; cleared when full) so a cached token's headers are not re-encoded.
+        self.claim_cache: dict[str, bytes] = {}
 
 
 class Tables:

@@ -13,9 +13,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
 
 from fastgate.accesslog import MAX_PATH, AccessLog, RequestLogAdapter, _atomic_piece, _pieces
 from fastgate.config import AccessLogConfig
@@ -300,7 +298,11 @@ def test_adapter_logs_a_real_request_without_its_secrets() -> None:
     (client, bytes, user agent, upstream status) and none of its secrets."""
     from fastgate.app import Gateway
     from fastgate.config import (
-        Address, GatewayConfig, RouteConfig, RouteMatch, UpstreamConfig,
+        Address,
+        GatewayConfig,
+        RouteConfig,
+        RouteMatch,
+        UpstreamConfig,
     )
     from tests.gateway_fixtures import EchoUpstream, read_response
 
