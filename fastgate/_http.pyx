@@ -35,6 +35,7 @@ import re
 import httptools
 
 from fastgate._flow cimport HIGH_WATER, PEER_BUSY, PENDING, QUEUED, ReadGate
+from fastgate._routes cimport Route, RouteTable, path_is_ambiguous
 from libc.time cimport time as c_time
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
@@ -49,7 +50,6 @@ from fastgate.responses import (
     BAD_GATEWAY, BAD_REQUEST, GATEWAY_TIMEOUT, HEADERS_TOO_LARGE, METHOD_NOT_ALLOWED,
     NOT_FOUND, PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT, SERVICE_UNAVAILABLE,
 )
-from fastgate.routes import path_is_ambiguous
 from fastgate.upstream import UpstreamError
 from fastgate.wire import Wire
 
@@ -593,6 +593,7 @@ cdef class ClientProtocol:
         cdef object action
         cdef RequestHeaders auth_headers
         cdef Py_ssize_t q
+        cdef Route route
         plane = self.plane
         t = plane.tables
         ex.tables = t
@@ -687,7 +688,7 @@ cdef class ClientProtocol:
             drop = frozenset(listed) - {b"host"}
             fwd = [h for h in fwd if h[0].lower() not in drop]
         host = ex.host.decode("utf-8", "surrogateescape") if ex.host is not None else None
-        route = t.routes.match(method, host if t.uses_host else None, path)
+        route = (<RouteTable>t.routes).match(method, host if t.uses_host else None, path)
         if route is None:
             self.reply(ex, W_NOT_FOUND, False)
             return
