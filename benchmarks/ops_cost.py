@@ -23,7 +23,7 @@ stime of the pinned fastgate process over the run / requests: steadier than req/
 other work shares the machine), and the median of the per-round ratios to ``bare`` (a paired
 comparison: each ratio uses runs seconds apart).
 
-The pieces (keys, token sets, nginx, wrk with benchmarks/wrk/tokens.lua, CPU pinning, child
+The pieces (keys, token sets, nginx, wrk with benchmarks/wrk/cycle.lua, CPU pinning, child
 process handling) are benchmarks/e2e.py's, imported. Outputs go to benchmarks/out/ (git-ignored):
 ops-cost/ (configs, logs, wrk outputs) and ops-cost-latest.md.
 """

@@ -50,7 +50,7 @@ from fastgate.responses import (
     BAD_GATEWAY, BAD_REQUEST, GATEWAY_TIMEOUT, HEADERS_TOO_LARGE, METHOD_NOT_ALLOWED,
     NOT_FOUND, PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT, SERVICE_UNAVAILABLE,
 )
-from fastgate.upstream import UpstreamError
+from fastgate.upstream import UpstreamError, retire
 from fastgate.wire import Wire
 
 log = logging.getLogger("fastgate.protocol")
@@ -1172,7 +1172,7 @@ cdef class RelayConn:
     cdef public bint dead, reused, got_bytes, skip_body, swap_parser, keep_alive, must_close
     cdef public bint close_delimited, reading_paused, write_paused
     cdef public double idle_since, deadline
-    cdef object _timer
+    cdef public object _timer
     cdef Exchange sink
     cdef bint finished, tunnel
     cdef Py_ssize_t head_bytes, head_limit
@@ -1243,13 +1243,7 @@ cdef class RelayConn:
         self.fail(error)
 
     cdef void mark_dead(self):
-        if not self.dead:
-            self.dead = True
-            timer = self._timer
-            if timer is not None:
-                self._timer = None
-                timer.cancel()
-            self.pool._forget(self)
+        retire(self)
 
     # -- asyncio protocol ---------------------------------------------------------------------
 

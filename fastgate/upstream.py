@@ -21,18 +21,25 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, Literal, cast
 from urllib.parse import urlsplit
 
 import httptools
 
+from fastgate import tls
 from fastgate.config import UpstreamConfig
 from fastgate.httpfields import HOP_BY_HOP
 
 __all__ = ["UpstreamError", "UpstreamPool", "UpstreamResponse"]
 
-ErrorKind = Literal["connect", "timeout", "reset", "protocol"]
+log = logging.getLogger("fastgate.upstream")
+
+#: ``tls``: an https upstream's TLS handshake failed (certificate not trusted, wrong name,
+#: expired, no shared version or cipher; RFC 8446 §6.2 alerts).
+ErrorKind = Literal["connect", "timeout", "reset", "protocol", "tls"]
 
 #: A body at most this large that is complete when the head is handed out is joined into
 #: ``UpstreamResponse.body_complete`` (fast path: no ``read()`` round trips).
@@ -273,7 +280,10 @@ class _Conn(asyncio.Protocol):
             else:
                 where = "before the response head" if self.phase == _HEAD else "mid-body"
                 why = f" ({exc})" if exc else ""
-                self._fail(UpstreamError("reset", f"connection closed {where}{why}"))
+                # A TLS alert after the handshake (TLS 1.3 reports a refused client
+                # certificate only then, RFC 8446 §4.4.2.4) is a TLS failure.
+                kind: ErrorKind = "tls" if isinstance(exc, ssl.SSLError) else "reset"
+                self._fail(UpstreamError(kind, f"connection closed {where}{why}"))
         self._mark_dead()
 
     def pause_writing(self) -> None:
@@ -467,13 +477,7 @@ class _Conn(asyncio.Protocol):
         self._mark_dead()
 
     def _mark_dead(self) -> None:
-        if not self.dead:
-            self.dead = True
-            timer = self._timer
-            if timer is not None:
-                self._timer = None
-                timer.cancel()
-            self.pool._forget(self)
+        retire(self)
 
     # -- request writing ----------------------------------------------------------------------
 
@@ -523,7 +527,10 @@ class _Conn(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Keep-alive connection pool for one upstream ``http://host:port[/base]``.
+    """Keep-alive connection pool for one upstream ``http(s)://host:port[/base]``.
+
+    https (RFC 9110 §4.3.4): every connection is TLS (:func:`fastgate.tls.client_context`),
+    verified unless ``tls.verify`` is false; keep-alive pooling is the same as for http.
 
     ``max_connections`` bounds open + connecting connections; callers beyond it wait in FIFO
     order (at most ``read_timeout``) for a connection to be released.
@@ -533,19 +540,40 @@ class UpstreamPool:
                  conn_class: Callable[[UpstreamPool, asyncio.AbstractEventLoop], Any] | None = None,
                  max_head_bytes: int = 65536) -> None:
         url = urlsplit(config.url)
-        if url.scheme != "http":
-            raise ValueError(f"upstream {config.name!r}: only http:// URLs are supported")
+        if url.scheme not in ("http", "https"):
+            raise ValueError(f"upstream {config.name!r}: only http:// and https:// URLs are "
+                             "supported")
         if not url.hostname:
             raise ValueError(f"upstream {config.name!r}: URL has no host: {config.url!r}")
         if url.query or url.fragment:
             raise ValueError(f"upstream {config.name!r}: URL must not have a query or fragment")
         self.name = config.name
         self._host = url.hostname
-        self._port = url.port or 80
+        default_port = 443 if url.scheme == "https" else 80  # RFC 9110 §4.2.1, §4.2.2
+        self._port = url.port or default_port
         # RFC 9112 §3.2: Host = uri-host [":" port]; IPv6 literals keep their brackets.
         host = f"[{self._host}]" if ":" in self._host else self._host
-        self._host_line = f"Host: {host}\r\n" if self._port == 80 else \
+        self._host_line = f"Host: {host}\r\n" if self._port == default_port else \
             f"Host: {host}:{self._port}\r\n"
+        #: The client TLS context (https only) and the name sent as SNI and checked against
+        #: the certificate (RFC 6066 §3; an IP literal is matched against IP SANs, no SNI).
+        self._ssl: ssl.SSLContext | None = None
+        self._server_hostname: str | None = None
+        self._tls_files = tls.upstream_files(config.tls)
+        self._tls_signature = tls.file_signature(self._tls_files)
+        if url.scheme == "https":
+            try:
+                self._ssl = tls.client_context(config.tls)
+            except tls.TLSLoadError as exc:
+                raise ValueError(f"tls: {exc}") from None
+            self._server_hostname = (config.tls.server_name if config.tls is not None
+                                     and config.tls.server_name else self._host)
+            if config.tls is not None and not config.tls.verify:
+                log.warning(
+                    "upstream %s: TLS VERIFICATION IS OFF (tls.verify: false): any server "
+                    "that answers on %s:%d is trusted and can read and alter every request "
+                    "and token sent to it; use tls.ca_file for a private CA instead",
+                    config.name, self._host, self._port)
         self._base = url.path.rstrip("/")
         self._connect_timeout = config.connect_timeout
         self._read_timeout = config.read_timeout
@@ -572,6 +600,12 @@ class UpstreamPool:
     @property
     def open_connections(self) -> int:
         return self._count
+
+    @property
+    def tls_files_changed(self) -> bool:
+        """True when a CA, certificate or key file of ``tls`` changed since this pool was
+        built (a reload then builds a new pool rather than reusing this one)."""
+        return tls.file_signature(self._tls_files) != self._tls_signature
 
     @property
     def idle_connections(self) -> int:
@@ -809,7 +843,13 @@ class UpstreamPool:
         conn: _Conn = self._conn_class(self, loop)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await loop.create_connection(lambda: conn, self._host, self._port)
+                if self._ssl is None:
+                    await loop.create_connection(lambda: conn, self._host, self._port)
+                else:
+                    await loop.create_connection(
+                        lambda: conn, self._host, self._port, ssl=self._ssl,
+                        server_hostname=self._server_hostname,
+                        ssl_handshake_timeout=self._connect_timeout)
         except BaseException as exc:
             self._count -= 1
             self._give_slot()
@@ -817,6 +857,17 @@ class UpstreamPool:
                 raise UpstreamError(
                     "timeout", f"connect to {self._host}:{self._port} took over "
                                f"{self._connect_timeout:g}s") from None
+            if isinstance(exc, ssl.SSLCertVerificationError):
+                # RFC 9110 §4.3.4: an https upstream whose certificate does not verify (chain,
+                # name or validity period) is not the upstream.
+                raise UpstreamError(
+                    "tls", f"certificate of {self._host}:{self._port} (as "
+                           f"{self._server_hostname}) not accepted: "
+                           f"{exc.verify_message or exc.reason}") from None
+            if isinstance(exc, ssl.SSLError):
+                raise UpstreamError(
+                    "tls", f"TLS handshake with {self._host}:{self._port} failed: "
+                           f"{exc.reason or exc}") from None
             if isinstance(exc, OSError):
                 raise UpstreamError(
                     "connect", f"connect to {self._host}:{self._port} failed: {exc}") from None
@@ -893,6 +944,18 @@ class UpstreamPool:
             idle[0].close()  # removes it from the list via _forget
         if idle:
             self._sweeper = loop.call_at(idle[0].idle_since + self._idle_timeout, self._sweep)
+
+
+def retire(conn: Any) -> None:
+    """A connection is dead: stop its timer and free its pool slot, once (for both
+    connection classes: ``_Conn`` and ``fastgate._http.RelayConn``)."""
+    if not conn.dead:
+        conn.dead = True
+        timer = conn._timer
+        if timer is not None:
+            conn._timer = None
+            timer.cancel()
+        conn.pool._forget(conn)
 
 
 _NAMES: dict[bytes, tuple[str, str]] = {}

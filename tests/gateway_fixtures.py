@@ -282,3 +282,18 @@ async def gather_limited(n: int, coros: list[Callable[[], Awaitable[T]]]) -> lis
             return await factory()
 
     return list(await asyncio.gather(*(one(f) for f in coros)))
+
+
+async def eof_within(reader: asyncio.StreamReader, seconds: float) -> bytes | None:
+    """The bytes read before the gateway closed the connection (a reset counts as closed),
+    or None when it was still open after ``seconds``."""
+    data = bytearray()
+    try:
+        async with asyncio.timeout(seconds):
+            while chunk := await reader.read(65536):
+                data += chunk
+    except ConnectionError:
+        pass
+    except TimeoutError:
+        return None
+    return bytes(data)

@@ -42,6 +42,7 @@ from tests.gateway_fixtures import (
     Loop,
     RawResponse,
     dead_port,
+    eof_within,
     http_request,
     read_response,
     start_gateway,
@@ -168,21 +169,6 @@ async def connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader,
 async def response(reader: asyncio.StreamReader, *, head: bool = False,
                    timeout: float = 5.0) -> RawResponse:
     return await asyncio.wait_for(read_response(reader, head=head), timeout)
-
-
-async def eof_within(reader: asyncio.StreamReader, seconds: float) -> bytes | None:
-    """The bytes read before the gateway closed the connection (a reset counts as closed),
-    or None when it was still open after ``seconds``."""
-    data = bytearray()
-    try:
-        async with asyncio.timeout(seconds):
-            while chunk := await reader.read(65536):
-                data += chunk
-    except ConnectionError:
-        pass
-    except TimeoutError:
-        return None
-    return bytes(data)
 
 
 async def closed_within(conn: RawConn, seconds: float) -> bool:

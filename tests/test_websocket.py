@@ -32,7 +32,7 @@ from fastgate.config import (
 from fastgate.reasons import Reason
 from tests.conftest import key_for
 from tests.factory import AUDIENCE, ISSUER, SigningKey, default_claims, jwks_of, make_token
-from tests.gateway_fixtures import Loop, RawResponse, read_response, start_gateway
+from tests.gateway_fixtures import Loop, RawResponse, eof_within, read_response, start_gateway
 
 # -- design choices (one place each) ------------------------------------------------------------
 # `Upgrade: h2c` (RFC 9113 §3.1 removed it; RFC 9110 §7.8 lets a server ignore Upgrade):
@@ -178,20 +178,6 @@ async def serving(config: GatewayConfig) -> AsyncIterator[Gateway]:
         yield gw
     finally:
         await gw.stop()
-
-
-async def eof_within(reader: asyncio.StreamReader, seconds: float) -> bytes | None:
-    """Bytes read before the connection closed (a reset counts), None if still open."""
-    data = bytearray()
-    try:
-        async with asyncio.timeout(seconds):
-            while chunk := await reader.read(65536):
-                data += chunk
-    except ConnectionError:
-        pass
-    except TimeoutError:
-        return None
-    return bytes(data)
 
 
 async def answer(reader: asyncio.StreamReader, what: str) -> RawResponse:
