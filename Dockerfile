@@ -86,16 +86,25 @@ RUN groupadd --system --gid 10001 fastgate \
 USER 10001
 WORKDIR /tmp
 
-# 8080: data plane (`listen`); 9901: admin (`admin`: /metrics /healthz /readyz). Publish only
-# 8080 to clients.
-EXPOSE 8080 9901
+# The admin port (`admin`: /metrics /healthz /readyz) the HEALTHCHECK below probes, and that
+# EXPOSE documents. The health check reads FASTGATE_ADMIN_PORT when it runs, so it follows the
+# configured port if the config takes its port from the same variable, which the loader
+# substitutes (SPEC §2 `${NAME}`):
+#   admin: "0.0.0.0:${FASTGATE_ADMIN_PORT}"        # in gateway.yaml
+#   docker run -e FASTGATE_ADMIN_PORT=9902 ...      # moves the listener and the check together
+# With a literal port in the config, set FASTGATE_ADMIN_PORT to it (or build with
+# --build-arg ADMIN_PORT=...). `admin: null` has no health endpoint: run with --no-healthcheck.
+ARG ADMIN_PORT=9901
+ENV FASTGATE_ADMIN_PORT=${ADMIN_PORT}
+
+# 8080: data plane (`listen`); ADMIN_PORT: admin. Publish only 8080 to clients.
+EXPOSE 8080 ${ADMIN_PORT}
 
 # The slim image has no curl: probe /healthz with the interpreter. The check runs inside the
-# container, so it works with `admin: 127.0.0.1:9901` as well as `0.0.0.0:9901`; with another
-# admin port, override it (`docker run --health-cmd ...`). Kubernetes ignores HEALTHCHECK and
-# uses the probes in deploy/kubernetes/deployment.yaml.
+# container, so it works with `admin: 127.0.0.1:PORT` as well as `0.0.0.0:PORT`. Kubernetes
+# ignores HEALTHCHECK and uses the probes in deploy/kubernetes/deployment.yaml.
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2).status == 200 else 1)"]
+  CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('FASTGATE_ADMIN_PORT') or '9901'; sys.exit(0 if urllib.request.urlopen(f'http://127.0.0.1:{port}/healthz', timeout=2).status == 200 else 1)"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["fastgate"]

@@ -28,9 +28,14 @@ never returned to the pool, and the bytes never reach a client.
 """
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import ipaddress
 import logging
+import os
 import re
+from ssl import SSLError
 
 import httptools
 
@@ -42,8 +47,8 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from fastgate.extract import strip_query_param
 from fastgate.httpfields import HOP_BY_HOP
 from fastgate.proxy import (
-    A_AUTH, A_AUTH_DROP, A_CONNECTION, A_EXPECT, A_HOST, A_LENGTH, A_TE, A_UPGRADE, A_XFF,
-    A_XFH, A_XFP,
+    A_AUTH, A_AUTH_DROP, A_CONNECTION, A_EXPECT, A_HOST, A_LENGTH, A_REQUEST_ID, A_TE,
+    A_TRACEPARENT, A_TRACESTATE, A_UPGRADE, A_XFF, A_XFH, A_XFP,
 )
 from fastgate.reasons import Reason
 from fastgate.responses import (
@@ -66,6 +71,7 @@ cdef object REASON_TOO_LARGE = Reason.TOKEN_TOO_LARGE
 cdef object REASON_MALFORMED = Reason.TOKEN_MALFORMED
 cdef object REASON_KEY_NOT_FOUND = Reason.KEY_NOT_FOUND
 cdef object REASON_JWKS_UNAVAILABLE = Reason.JWKS_UNAVAILABLE
+cdef object REASON_CERTIFICATE_MISMATCH = Reason.CERTIFICATE_MISMATCH
 #: Claim-header blocks remembered per route (fastgate.proxy.RouteRuntime.claim_cache).
 cdef Py_ssize_t CLAIM_CACHE_MAX = 4096
 
@@ -98,6 +104,15 @@ cdef bytes CLOSE_LINE = b"Connection: close\r\n"
 cdef bytes KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n"
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ] (reg-name, IPv4 or an IPv6
 # literal in brackets); a list, spaces or a userinfo part are not a Host.
+# A request id we keep from a trusted proxy: RFC 9110 §5.6.2 token characters, bounded.
+cdef object REQUEST_ID_RE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,200}")
+# W3C Trace Context §3.2: version "-" trace-id "-" parent-id "-" flags, lower-case hex; for
+# version 00 exactly that; a later version may append "-..." (§3.2.4); ff is invalid.
+cdef object TRACEPARENT_RE = re.compile(
+    rb"(?!ff)[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}(?:-.*)?")
+# Request ids this process generates: a random prefix and a counter (unique, cheap).
+cdef bytes ID_PREFIX = os.urandom(8).hex().encode()
+cdef unsigned long long id_counter = 0
 cdef object HOST_RE = re.compile(
     rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+;=%]*)(?::[0-9]*)?")
 
@@ -109,6 +124,12 @@ cdef enum:
     T_BODY = 3  # a request body is arriving (the route's upstream read_timeout)
     T_SEND = 4  # the client does not take its response
     T_TUNNEL = 5  # WebSocket tunnel idle
+    T_LINGER = 6  # answered and half-closed; the unread rest of the request is discarded
+
+#: Lingering close: how long the unread rest of an answered request is read and discarded
+#: before the connection closes (closing with unread bytes makes the kernel send a reset,
+#: which can destroy the response before the client read it; nginx's lingering_close).
+cdef double LINGER_SECONDS = 2.0
 
 # fast_auth outcomes.
 cdef enum:
@@ -196,6 +217,9 @@ cdef class Exchange:
     cdef int hosts, state
     cdef RequestHeaders auth_headers
     cdef object tables, rt, task, claims, token
+    cdef public object request_id  # bytes: X-Request-Id as forwarded
+    cdef public object traceparent  # bytes: the traceparent forwarded (valid or created)
+    cdef object tracestate
     cdef public int route_index, status
     cdef public object label, upstream_s
     cdef public int upstream_status  # the upstream's status (0: the gateway answered itself)
@@ -235,6 +259,10 @@ cdef class Exchange:
             if last:
                 return last.decode("latin-1")
         return self.proto.peer
+
+    @property
+    def trace_id(self):
+        return self.traceparent[3:35].decode("ascii") if self.traceparent else None
 
     @property
     def bytes_in(self):
@@ -373,6 +401,7 @@ cdef class ClientProtocol:
     cdef object queue  # deque of Exchanges pipelined behind it
     cdef Py_ssize_t requests, head_bytes
     cdef public RelayConn tunnel
+    cdef object cert_thumbprint  # None: not computed yet; b"": no client certificate
     cdef int timer_kind
     cdef double timer_at, deadline
 
@@ -584,6 +613,35 @@ cdef class ClientProtocol:
     # -- the decision --------------------------------------------------------------------------
 
     cdef void dispatch(self, Exchange ex):
+        """Decide ``ex``; whatever fails inside becomes a 502 for it, never a hang."""
+        try:
+            self.decide(ex)
+        except Exception:
+            self.internal_error(ex)
+
+    cdef void internal_error(self, Exchange ex):
+        """SPEC §3.5: the client never sees a traceback -- and never waits for an answer
+        that will not come. Before the response head: 502 JSON and close; after it: cut."""
+        log.exception("internal error handling %s %r", ex.method, ex.url[:200])
+        try:
+            if ex.conn is not None:
+                conn = ex.conn
+                ex.conn = None
+                conn.abort_exchange()
+            if ex.state == X_DONE:
+                if self.transport is not None:
+                    self.transport.close()
+            elif ex.wrote_head:
+                self.abort(ex)
+            else:
+                ex.complete = False  # close after the answer: the state is unknown
+                self.reply(ex, W_BAD_GATEWAY, True)
+        except Exception:
+            log.exception("internal error while answering it")
+            if self.transport is not None:
+                self.transport.abort()
+
+    cdef void decide(self, Exchange ex):
         """Route, header pass, auth and policy; then forward or reject."""
         cdef list fwd
         cdef list listed = None
@@ -672,9 +730,17 @@ cdef class ClientProtocol:
                 ex.websocket = value.lower() == b"websocket"
             elif action == A_AUTH_DROP:
                 auth_headers.add(lname, value)
+            elif action == A_REQUEST_ID:
+                ex.request_id = value
+            elif action == A_TRACEPARENT:
+                # Two traceparent fields: invalid (W3C Trace Context §3.2.1).
+                ex.traceparent = value if ex.traceparent is None else b""
+            elif action == A_TRACESTATE:
+                ex.tracestate = value if ex.tracestate is None else ex.tracestate + b"," + value
             # A_DROP: hop-by-hop or reserved
         if not ex.chunked_in and ex.content_length <= 0:
             ex.complete = True  # no body: the message ends with its head
+        self.trace(ex)
         if bad_framing:
             self.reply(ex, W_BAD_REQUEST, True)
             return
@@ -726,7 +792,32 @@ cdef class ClientProtocol:
                     return
                 if found is not None and len(found) == 1:
                     ex.token = found[0][1]
+            if rt.certificate_bound and claims is not None and \
+                    not self.bound_to_connection(claims):
+                self.reject(ex, REASON_CERTIFICATE_MISMATCH)
+                return
         self.admit(ex, fwd, path, qs, claims, found)
+
+    cdef void trace(self, Exchange ex):
+        """X-Request-Id and W3C Trace Context for this request (docs/operations.md)."""
+        global id_counter
+        server = self.server
+        if server.request_id:
+            rid = ex.request_id
+            if not (self.trusted and rid is not None and REQUEST_ID_RE.fullmatch(rid)):
+                id_counter += 1
+                ex.request_id = ID_PREFIX + b"%016x" % id_counter
+        else:
+            ex.request_id = None
+        tp = ex.traceparent
+        if tp is not None and TRACEPARENT_RE.fullmatch(tp) is None:
+            tp = None  # W3C §3.2: an invalid traceparent is ignored, tracestate with it
+        if tp is None:
+            ex.tracestate = None
+            if server.create_traceparent:
+                tp = b"00-" + os.urandom(16).hex().encode() + b"-" + \
+                    os.urandom(8).hex().encode() + b"-00"
+        ex.traceparent = tp
 
     cdef int fast_auth(self, Exchange ex, rt, hooks):
         """The common route's decision without Python calls (see RouteRuntime.fast_header):
@@ -787,6 +878,26 @@ cdef class ClientProtocol:
         ex.token = token
         return FA_OK
 
+    cdef bint bound_to_connection(self, claims):
+        """RFC 8705 §3.1: the token's ``cnf["x5t#S256"]`` is the base64url SHA-256 of the DER
+        of the client certificate on *this* connection. Checked on every request after the
+        verify, so a cached token presented over another connection never passes."""
+        cdef bytes thumb = self.cert_thumbprint
+        if thumb is None:
+            thumb = b""
+            ssl_object = self.transport.get_extra_info("ssl_object") \
+                if self.transport is not None else None
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            if der:
+                thumb = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=")
+            self.cert_thumbprint = thumb
+        if not thumb or not isinstance(claims, dict):
+            return False
+        cnf = claims.get("cnf")
+        bound = cnf.get("x5t#S256") if isinstance(cnf, dict) else None
+        return isinstance(bound, str) and bound.isascii() and \
+            hmac.compare_digest(bound.encode("ascii"), thumb)
+
     cdef void reject(self, Exchange ex, reason):
         rt = ex.rt
         ex.tables.hooks.reject(rt.index, reason)
@@ -844,6 +955,12 @@ cdef class ClientProtocol:
         xfh = ex.client_xfh if self.trusted and ex.client_xfh else ex.host
         if xfh is not None:
             parts.append(b"X-Forwarded-Host: " + xfh + CRLF)
+        if ex.request_id is not None:
+            parts.append(b"X-Request-Id: " + ex.request_id + CRLF)
+        if ex.traceparent is not None:
+            parts.append(b"traceparent: " + ex.traceparent + CRLF)
+            if ex.tracestate is not None:
+                parts.append(b"tracestate: " + ex.tracestate + CRLF)
         if ex.websocket and ex.upgrade:
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
         elif ex.chunked_in:
@@ -1022,6 +1139,12 @@ cdef class ClientProtocol:
             return
         if not ex.keep_alive or not ex.complete or self.plane.draining or self.eof:
             self.discard = True
+            if not ex.complete and not self.eof and transport.can_write_eof():
+                # The client may still be sending the body we did not read: send FIN after
+                # the response and read on (discarding) for a moment, then close.
+                transport.write_eof()
+                self.arm(T_LINGER, LINGER_SECONDS)
+                return
             transport.close()
             return
         if self.queue:
@@ -1083,6 +1206,16 @@ cdef class ClientProtocol:
         self.timer = self.loop.call_at(deadline, self.on_timer)
 
     def on_timer(self):
+        try:
+            self.timer_fired()
+        except Exception:
+            if self.active is not None:
+                self.internal_error(self.active)
+            elif self.transport is not None:
+                log.exception("client connection timer failed")
+                self.transport.abort()
+
+    cdef void timer_fired(self):
         cdef Exchange ex
         cdef RelayConn conn
         cdef int kind = self.timer_kind
@@ -1095,7 +1228,7 @@ cdef class ClientProtocol:
             return
         self.timer_kind = T_NONE
         ex = self.active
-        if kind == T_IDLE or kind == T_TUNNEL:
+        if kind == T_IDLE or kind == T_TUNNEL or kind == T_LINGER:
             self.transport.close()  # RFC 9112 §9.8: an idle connection may be closed
         elif kind == T_HEAD:
             # Slowloris: the head did not arrive in time.
@@ -1123,12 +1256,25 @@ cdef class ClientProtocol:
 
 async def _decide_later(ClientProtocol proto, Exchange ex, list fwd, str path, str qs):
     """The slow auth path (SPEC §5: an unknown kid, a cold start; or ``mode: all``)."""
+    try:
+        await _decide_slowly(proto, ex, fwd, path, qs)
+    except Exception:
+        if proto.active is ex:
+            proto.internal_error(ex)
+        else:
+            log.exception("slow auth path failed")
+
+
+async def _decide_slowly(ClientProtocol proto, Exchange ex, list fwd, str path, str qs):
     rt = ex.rt
     t = ex.tables
     reason, claims, found = await proto.plane.authenticate(rt, t.hooks, ex.auth_headers, qs)
     ex.task = None
     if proto.active is not ex:
         return  # the client went away meanwhile
+    if reason is REASON_OK and rt.certificate_bound and claims is not None and \
+            not proto.bound_to_connection(claims):
+        reason = REASON_CERTIFICATE_MISMATCH
     if reason is not REASON_OK:
         proto.reject(ex, reason)
     else:
@@ -1139,6 +1285,16 @@ async def _decide_later(ClientProtocol proto, Exchange ex, list fwd, str path, s
 
 async def _connect_then_send(ClientProtocol proto, Exchange ex, bint fresh):
     """Open an upstream connection (or wait for a pool slot), then send."""
+    try:
+        await _connect_and_send(proto, ex, fresh)
+    except Exception:
+        if proto.active is ex:
+            proto.internal_error(ex)
+        else:
+            log.exception("upstream connect path failed")
+
+
+async def _connect_and_send(ClientProtocol proto, Exchange ex, bint fresh):
     pool = ex.rt.pool
     try:
         conn = await pool.acquire(fresh)
@@ -1253,6 +1409,22 @@ cdef class RelayConn:
 
     def data_received(self, bytes data):
         cdef Exchange sink = self.sink
+        try:
+            self.relay(data)
+        except Exception:
+            self.broken(sink)
+
+    cdef void broken(self, Exchange sink):
+        """A failure in the relay itself (not the upstream's): drop the connection and
+        answer the client (internal_error), never leave it hanging."""
+        self.must_close = True
+        self.sink = None
+        self.close()
+        if sink is not None and sink.proto.active is sink:
+            sink.proto.internal_error(sink)
+
+    cdef void relay(self, bytes data):
+        cdef Exchange sink = self.sink
         cdef Py_ssize_t arrived
         if self.tunnel:
             if sink is not None:
@@ -1278,6 +1450,8 @@ cdef class RelayConn:
                 self.fail(UpstreamError("protocol", "unexpected protocol upgrade"))
         except HttpParserError as exc:
             cause = exc.__context__
+            if cause is not None and not isinstance(cause, (UpstreamError, HttpParserError)):
+                raise cause  # our own failure inside a callback: data_received answers it
             self.fail(cause if isinstance(cause, UpstreamError)
                       else UpstreamError("protocol", f"malformed response: {exc}"))
         if self.phase == P_HEAD and not self.dead and \
@@ -1319,8 +1493,10 @@ cdef class RelayConn:
             sink.response_end()
         elif sink is not None and (self.phase == P_HEAD or self.phase == P_BODY):
             where = "before the response head" if self.phase == P_HEAD else "mid-body"
-            error = UpstreamError("reset", f"connection closed {where}"
-                                  + (f" ({exc})" if exc else ""))
+            # A TLS alert after the handshake (TLS 1.3 reports a refused client certificate
+            # only then, RFC 8446 §4.4.2.4) is a TLS failure, not a reset.
+            error = UpstreamError("tls" if isinstance(exc, SSLError) else "reset",
+                                  f"connection closed {where}" + (f" ({exc})" if exc else ""))
             error.stale = self.phase == P_HEAD and not self.got_bytes and self.reused
             self.fail(error)
         self.mark_dead()
@@ -1458,6 +1634,13 @@ cdef class RelayConn:
         self.close()
 
     def on_timer(self):
+        cdef Exchange sink = self.sink
+        try:
+            self.timer_fired()
+        except Exception:
+            self.broken(sink)
+
+    cdef void timer_fired(self):
         self._timer = None
         if self.sink is None or self.dead:
             return

@@ -5,10 +5,10 @@ verification, claim checks and the verified-token cache. Nothing in here raises 
 token; every outcome is a :class:`fastgate.reasons.Reason`.
 
 Check order (first failure wins): size -> segments / base64url -> header JSON -> payload JSON
--> alg (allow-list, "none") -> issuer -> usable keys now (else jwks_unavailable) -> kid -> key
-lookup -> alg/key binding -> signature -> claims (exp/nbf/iat with skew, aud, required,
-lifetime). A forged and expired token is signature_invalid; a validly signed expired one is
-token_expired.
+-> alg (allow-list, "none") -> issuer -> typ (only when the provider lists types; RFC 9068 §4)
+-> usable keys now (else jwks_unavailable) -> kid -> key lookup -> alg/key binding ->
+signature -> claims (exp/nbf/iat with skew, aud, required, lifetime). A forged and expired
+token is signature_invalid; a validly signed expired one is token_expired.
 """
 
 from collections.abc import Iterable, Mapping
@@ -35,7 +35,11 @@ MAX_CACHED_TOKEN_BYTES: int
 MAX_JSON_DEPTH: int
 """Deepest nesting of objects/arrays accepted in a header or payload (deeper: malformed)."""
 NEGATIVE_CACHE_ENTRIES: int
-"""Default bound of a TokenCache's negative (signature_invalid) map."""
+"""Default bound of a TokenCache's negative map (signature_invalid and time rejects)."""
+
+def signature_checks() -> int:
+    """Signature verifications (RSA/EC/EdDSA/HMAC operations) this process has run: for tests
+    and benchmarks, to show that a cached decision cost none."""
 
 class Result:
     """The outcome of one verification. ``claims`` is set only when ``ok``.
@@ -78,7 +82,8 @@ class Result:
     @property
     def cached(self) -> bool:
         """True when the decision came from the verified-token cache (ok, detail "cache hit")
-        or from the negative cache (signature_invalid, detail "cached reject")."""
+        or from the negative cache (signature_invalid, token_expired or token_not_yet_valid,
+        detail "cached reject"): no signature was verified for it."""
 
 class KeyReport:
     """What :meth:`Verifier.set_jwks` did with a JWKS document."""
@@ -105,6 +110,11 @@ class TokenCache:
     before any decoding. A hit answers signature_invalid (detail "cached reject",
     ``cached=True``) only while this Verifier / IssuerSet would pick that verifier and its key
     set is unchanged (any set_jwks that changes the keys or their order invalidates it).
+    Validly signed tokens rejected by the time window alone (token_expired by ``exp``,
+    token_not_yet_valid by ``nbf``/``iat``; not ``max_lifetime``) are remembered the same way
+    with the bound that decided: a hit re-checks it against ``now`` (exp + skew reached; nbf or
+    iat still beyond now + skew and exp not reached) and otherwise falls through to a full
+    verify, so a not-yet-valid token is accepted once its nbf passes.
     It never shares the LRU: a flood of distinct bad tokens cannot evict verified entries.
     ``negative_entries`` bounds it (default NEGATIVE_CACHE_ENTRIES, 0 when ``max_entries`` is
     0); when full it is cleared at once. ``len()`` counts verified entries only.
@@ -148,6 +158,7 @@ class Verifier:
         cache: TokenCache | None = None,
         max_token_bytes: int = 8192,
         name: str | None = None,
+        typ: Iterable[str] | None = None,
     ) -> None:
         """Raises ValueError for a configuration that cannot be safe (unknown alg, "none", empty
         algorithms, HS with jwks, mixed HS and asymmetric algs, secret shorter than the hash,
@@ -157,7 +168,14 @@ class Verifier:
         the HS* algs whose hash fits ``secret``. ``audiences`` None or empty: aud is not
         matched (its type is still checked). ``cache``: share a TokenCache (``cache_size`` is
         then ignored); ``cache_size=0`` disables caching. With ``secret`` the header kid is not
-        used: the secret is the only key."""
+        used: the secret is the only key.
+
+        ``typ`` (RFC 9068 §4, RFC 8725 §3.11): the JOSE header ``typ`` values allowed; None
+        (default) does not check typ. Compared as media types: case-insensitive, a value
+        without '/' read as "application/" + value (RFC 7515 §4.1.9), so "at+jwt" also accepts
+        "application/at+jwt" and "AT+JWT". A token whose typ is absent, not a string or not
+        listed is token_type_invalid. ValueError for an empty list or a value that is not a
+        media type."""
     def verify(self, token: str | bytes, now: float | None = None) -> Result:
         """Never raises. ``now`` (seconds since the epoch) defaults to CLOCK_REALTIME."""
     def set_jwks(self, jwks: Mapping[str, Any]) -> KeyReport:
@@ -179,6 +197,9 @@ class Verifier:
     def audiences(self) -> frozenset[str]: ...
     @property
     def algorithms(self) -> frozenset[str]: ...
+    @property
+    def typ(self) -> frozenset[str] | None:
+        """The allowed typ values as canonical media types ("application/at+jwt"), or None."""
     @property
     def has_keys(self) -> bool:
         """Usable keys now (or a secret). While False (never loaded, or emptied by set_jwks,

@@ -5,10 +5,13 @@ pure-Python twin (SPEC §1).
 
 Check order (SPEC §3.4), first failure wins:
 size -> segments / base64url -> header JSON -> payload JSON -> alg (allow-list, none) ->
-issuer selection -> usable keys now (else jwks_unavailable) -> kid -> key lookup ->
-alg/key binding -> signature -> claims (exp/nbf/iat with skew, aud, required, lifetime).
+issuer selection -> typ (when the provider lists types) -> usable keys now (else
+jwks_unavailable) -> kid -> key lookup -> alg/key binding -> signature -> claims (exp/nbf/iat
+with skew, aud, required, lifetime).
 A token that was rejected as signature_invalid is remembered in a small negative cache (per
-TokenCache, separate from the verified-token LRU) until the verifier's key set changes.
+TokenCache, separate from the verified-token LRU) until the verifier's key set changes; so is
+a validly signed token rejected only by its time window (token_expired by exp,
+token_not_yet_valid by nbf/iat), with the time bound that decided, re-checked on every hit.
 The signature comes before the time checks, so a forged AND expired token reports
 signature_invalid and only a validly signed expired token reports token_expired. The payload
 parser sees attacker bytes before the signature, which is safe only because of the strict
@@ -78,6 +81,8 @@ cdef enum:
     R_API_KEY_INVALID = 16
     R_API_KEY_MISMATCH = 17
     R_JWKS_UNAVAILABLE = 18
+    R_TOKEN_TYPE_INVALID = 19
+    R_CERTIFICATE_MISMATCH = 20  # decided by the data plane (RFC 8705 §3), never here
 
 REASON_CODES = {
     "OK": R_OK, "TOKEN_MISSING": R_TOKEN_MISSING, "TOKEN_MALFORMED": R_TOKEN_MALFORMED,
@@ -89,6 +94,7 @@ REASON_CODES = {
     "INSUFFICIENT_SCOPE": R_INSUFFICIENT_SCOPE, "CLAIM_MISMATCH": R_CLAIM_MISMATCH,
     "API_KEY_MISSING": R_API_KEY_MISSING, "API_KEY_INVALID": R_API_KEY_INVALID,
     "API_KEY_MISMATCH": R_API_KEY_MISMATCH, "JWKS_UNAVAILABLE": R_JWKS_UNAVAILABLE,
+    "TOKEN_TYPE_INVALID": R_TOKEN_TYPE_INVALID, "CERTIFICATE_MISMATCH": R_CERTIFICATE_MISMATCH,
 }
 
 
@@ -152,6 +158,7 @@ cdef str D_AUD = "aud"
 cdef str D_REQUIRED = "required claim"
 cdef str D_LIFETIME = "max lifetime"
 cdef str D_LIFETIME_EXP = "max lifetime needs exp"
+cdef str D_TYP = "typ"
 cdef str D_INTERNAL = "internal error"
 
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +199,15 @@ MAX_JWKS_KEYS = 100
 MAX_CACHED_TOKEN_BYTES = 4096
 MAX_JSON_DEPTH = 32
 NEGATIVE_CACHE_ENTRIES = 4096
+
+# Signature operations performed by this process (every _verify_sig call): an observable for
+# tests and benchmarks that a cached decision cost no RSA/EC/HMAC operation.
+cdef unsigned long long _SIG_OPS = 0
+
+
+def signature_checks():
+    """Signature verifications this process has run (tests and benchmarks only)."""
+    return _SIG_OPS
 
 cdef Py_ssize_t _MAX_KID = MAX_KID_LENGTH
 cdef Py_ssize_t _MAX_KIDLESS = MAX_KIDLESS_KEYS
@@ -422,6 +438,18 @@ cdef class _Header:
     cdef object alg_name   # the header's alg when it is a str
     cdef object kid        # str or None
     cdef str kid_detail    # None when the kid is acceptable
+    cdef object typ        # the header typ as a canonical media type (see _typ_key), or None
+
+
+cdef object _typ_key(object value):
+    """A JOSE ``typ`` as the full lower-case media type it names, or None when it cannot name
+    one (not a str, empty, not ASCII). RFC 7515 §4.1.9: a value without '/' is read as if
+    "application/" were prepended; media types compare case-insensitively (RFC 6838 §4.2,
+    RFC 9068 §2.1: "at+jwt" and "application/at+jwt" are the same type)."""
+    if type(value) is not str or not value or not (<str>value).isascii():
+        return None
+    low = (<str>value).lower()
+    return low if "/" in low else "application/" + low
 
 
 cdef dict _HDR_CACHE = {}
@@ -469,6 +497,9 @@ cdef _Header _parse_header(bytes raw):
         return h
     h.code = R_OK
     h.detail = D_OK
+    # Normalised once per distinct header (the header cache keeps it), so a provider's typ
+    # list is a set lookup per token (RFC 9068 §4).
+    h.typ = _typ_key(obj.get("typ"))
     alg = obj.get("alg")
     if type(alg) is str:
         h.alg_name = alg
@@ -560,9 +591,11 @@ cdef tuple _hmac_states(bytes secret, unsigned int mask):
 
 
 cdef bint _verify_sig(_Key key, int alg, bytes signing_input, bytes sig) except -1:
+    global _SIG_OPS
     cdef int fam = _FAM[alg]
     cdef Py_ssize_t n = PyBytes_GET_SIZE(sig)
     cdef Py_ssize_t half
+    _SIG_OPS += 1
     try:
         if fam == F_HMAC:
             # The keyed state (ipad/opad) was built once at key load; a copy per request.
@@ -948,13 +981,19 @@ cdef class _Entry:
 
 @cython.final
 cdef class _Neg:
-    """A token rejected as signature_invalid, by whom and against which key generation."""
+    """A token rejected after the signature check (signature_invalid, or a valid signature
+    and only the time window failed), by whom and against which key generation."""
     cdef Verifier verifier
     cdef unsigned long long gen   # verifier._gen when rejected; any key change invalidates
     cdef object kid               # the header kid (<= MAX_KID_LENGTH chars) or None
     cdef int alg                  # the header alg code (an allowed alg: it reached the signature)
     cdef Py_ssize_t d1            # the two '.' offsets, to decode header/payload lazily
     cdef Py_ssize_t d2
+    cdef int code                 # R_SIGNATURE_INVALID, R_TOKEN_EXPIRED or R_TOKEN_NOT_YET_VALID
+    # Time rejects only: the bound that decided, re-checked against the clock on every hit.
+    cdef double expires           # exp + skew (+inf without exp): expired once now >= expires
+    cdef double early             # the nbf (or iat) that was in the future: not yet valid
+                                  # while early > now + skew
 
 
 @cython.final
@@ -972,8 +1011,9 @@ cdef class TokenCache:
     cdef Py_ssize_t _max
     cdef long long _hits
     cdef long long _misses
-    # Negative cache (W3: the same bad tokens replayed): token bytes -> _Neg, signature_invalid
-    # only. Its own dict and bound, so a flood of distinct bad tokens never evicts a verified
+    # Negative cache (W3: the same bad tokens replayed): token bytes -> _Neg, for
+    # signature_invalid and for validly signed tokens outside their time window (exp/nbf/iat;
+    # never max_lifetime, never a claim or audience reject). Its own dict and bound, so a flood of distinct bad tokens never evicts a verified
     # entry; cleared wholesale when full (O(1) amortised, memory bounded by
     # _neg_max * (MAX_CACHED_TOKEN_BYTES + a small entry): no parsed JSON is kept).
     cdef dict _neg
@@ -1037,7 +1077,7 @@ cdef class TokenCache:
                 f"misses={self._misses} negative={len(self._neg)}/{self._neg_max}>")
 
     cdef int _neg_put(self, bytes tok, Verifier v, object kid, int alg, Py_ssize_t d1,
-                      Py_ssize_t d2) except -1:
+                      Py_ssize_t d2, int code, double expires, double early) except -1:
         cdef _Neg ne
         if PyDict_Size(self._neg) >= self._neg_max:
             self._neg.clear()  # bounded; a flood of distinct bad tokens only costs re-verifying
@@ -1048,6 +1088,9 @@ cdef class TokenCache:
         ne.alg = alg
         ne.d1 = d1
         ne.d2 = d2
+        ne.code = code
+        ne.expires = expires
+        ne.early = early
         self._neg[tok] = ne
         return 0
 
@@ -1137,6 +1180,26 @@ cdef frozenset _str_set(object values, str what):
     return out
 
 
+cdef frozenset _typ_set(object values):
+    """The configured typ list, normalised once (RFC 7515 §4.1.9); None when not configured."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)) or not isinstance(values, _abc.Iterable):
+        raise ValueError("typ must be a list of strings")
+    out = set()
+    for value in values:
+        if type(value) is not str or not value:
+            raise ValueError("typ values must be non-empty strings")
+        key = _typ_key(value)
+        if key is None or key.startswith("/") or key.endswith("/") or key.count("/") != 1 \
+                or any(c <= " " or c == "\x7f" or c in ";,\"" for c in key):
+            raise ValueError(f"typ value {value!r} is not a media type (RFC 6838 §4.2)")
+        out.add(key)
+    if not out:
+        raise ValueError("typ must list at least one value (omit it to accept any typ)")
+    return frozenset(out)
+
+
 cdef bint _aud_match(object aud, frozenset auds) except -1:
     """RFC 7519 §4.1.3: the token's aud (string or array) must contain one configured value."""
     if not auds:
@@ -1179,6 +1242,7 @@ cdef class Verifier:
     cdef double _skew
     cdef double _max_lifetime     # < 0: not configured
     cdef tuple _require
+    cdef frozenset _typ            # allowed typ values as canonical media types; None: unchecked
     cdef TokenCache _cache
     cdef Py_ssize_t _max_bytes
     cdef bint _secret_mode
@@ -1210,7 +1274,7 @@ cdef class Verifier:
 
     def __init__(self, issuer, audiences=None, jwks=None, secret=None, algorithms=None,
                  clock_skew=60, require=("exp",), max_lifetime=None, cache_size=100_000, *,
-                 cache=None, max_token_bytes=8192, name=None):
+                 cache=None, max_token_bytes=8192, name=None, typ=None):
         cdef unsigned int mask
         cdef _Key key
         if type(issuer) is not str or not issuer:
@@ -1238,6 +1302,7 @@ cdef class Verifier:
                 raise ValueError("max_lifetime must be a finite number > 0")
             self._max_lifetime = lifetime
         self._require = tuple(sorted(_str_set(require, "require")))
+        self._typ = _typ_set(typ)
         if type(max_token_bytes) is bool or not isinstance(max_token_bytes, int) \
                 or max_token_bytes <= 0:
             raise ValueError("max_token_bytes must be a positive int")
@@ -1354,6 +1419,10 @@ cdef class Verifier:
     @property
     def algorithms(self):
         return _mask_names(self._allowed)
+
+    @property
+    def typ(self):
+        return self._typ
 
     @property
     def has_keys(self):
@@ -1479,9 +1548,13 @@ cdef Result _run(Verifier single, IssuerSet iset, object token, object now_obj):
                 found = PyDict_GetItem(iset._by_iss, v._issuer)
                 ok = found != NULL and <object>found is v and n <= v._max_bytes
                 auds = iset._audiences if iset._audiences is not None else v._audiences
+            # typ: the entry's verifier is the one in force (checked above) and its typ list
+            # never changes, so this holds by construction; it is re-checked anyway (a pointer
+            # compare when no typ is configured) so a hit can never skip RFC 9068 §4.
             if (ok and e.key.alive and e.not_before <= now < e.expires
                     and _aud_match(e.aud, auds)
-                    and (not e.kidless or e.key in <tuple>v._kidless[e.hdr.alg])):
+                    and (not e.kidless or e.key in <tuple>v._kidless[e.hdr.alg])
+                    and (v._typ is None or _typ_ok(v, e.hdr))):
                 cache._touch(e)
                 cache._hits += 1
                 r = Result.__new__(Result)
@@ -1500,7 +1573,7 @@ cdef Result _run(Verifier single, IssuerSet iset, object token, object now_obj):
     if cache._neg_max > 0 and n <= _MAX_CACHED:
         found = PyDict_GetItem(cache._neg, tok)
         if found != NULL:
-            r = _neg_hit(single, iset, <_Neg>found, tok, n)
+            r = _neg_hit(single, iset, <_Neg>found, tok, n, now)
             if r is not None:
                 cache._neg_hits += 1
                 return r
@@ -1510,14 +1583,21 @@ cdef Result _run(Verifier single, IssuerSet iset, object token, object now_obj):
     return _full(single, iset, tok, n, now, cache)
 
 
-cdef Result _neg_hit(Verifier single, IssuerSet iset, _Neg ne, bytes tok, Py_ssize_t n):
-    """The remembered signature_invalid, or None when it may no longer hold.
+cdef Result _neg_hit(Verifier single, IssuerSet iset, _Neg ne, bytes tok, Py_ssize_t n,
+                     double now):
+    """The remembered reject, or None when it may no longer hold (the caller then drops the
+    entry and verifies afresh).
 
-    Everything that decides signature_invalid is a function of the token bytes, the verifier
-    (its configuration is immutable) and its key set (kid lookup, binding, kid-less candidates
-    in JWKS order): so the entry holds while this Verifier / IssuerSet would pick the same
-    verifier and that verifier's key generation is unchanged. Time plays no part: the
-    signature is checked before exp/nbf."""
+    Everything up to and including the signature is a function of the token bytes, the
+    verifier (its configuration is immutable: allow-list, typ, size limit) and its key set
+    (kid lookup, binding, kid-less candidates in JWKS order): so a signature_invalid entry
+    holds while this Verifier / IssuerSet would pick the same verifier and that verifier's key
+    generation is unchanged. Time plays no part there: the signature is checked before
+    exp/nbf. A time reject additionally holds only while its bound still fails at ``now``,
+    computed exactly as _check_claims does: exp is checked first (RFC 7519 §4.1.4), so
+    "expired" is decided by exp + skew alone; "not yet valid" (§4.1.5) needs the token not
+    expired and its nbf (or iat) still beyond now + skew. Route audiences are checked after
+    the time window, so they cannot change either answer."""
     cdef Verifier v = ne.verifier
     cdef PyObject* found
     cdef Result r
@@ -1530,8 +1610,14 @@ cdef Result _neg_hit(Verifier single, IssuerSet iset, _Neg ne, bytes tok, Py_ssi
             return None
     if ne.gen != v._gen:
         return None
+    if ne.code == R_TOKEN_EXPIRED:
+        if not (now >= ne.expires):
+            return None  # the clock went back (or a test's `now`): verify for the exact answer
+    elif ne.code == R_TOKEN_NOT_YET_VALID:
+        if now >= ne.expires or not (ne.early > now + v._skew):
+            return None  # nbf/iat has passed: a full verify may accept it now
     r = Result.__new__(Result)
-    r._code = R_SIGNATURE_INVALID
+    r._code = ne.code
     r._detail = D_CACHED_REJECT
     r._cached = True
     r._kid = ne.kid
@@ -1661,6 +1747,12 @@ cdef Result _full(Verifier single, IssuerSet iset, bytes tok, Py_ssize_t n, doub
             return _set(r, R_ALG_NOT_ALLOWED, D_ALG)
         auds = iset._audiences if iset._audiences is not None else v._audiences
     r._verifier = v
+    # typ: RFC 9068 §4 (an access token is "at+jwt") and RFC 8725 §3.11 (explicit typing keeps
+    # one kind of JWT from being accepted as another, e.g. an ID token as an access token).
+    # Only when the provider lists types; an absent typ then fails too. A header property,
+    # like alg, so it is decided before any key work or signature.
+    if v._typ is not None and not _typ_ok(v, hdr):
+        return _set(r, R_TOKEN_TYPE_INVALID, D_TYP)
     # No usable key right now (never loaded, or dropped past max_stale): the server cannot
     # verify anything, which is not the client's fault -> 503 + Retry-After (SPEC §4).
     if not v._keys:
@@ -1700,6 +1792,17 @@ cdef Result _full(Verifier single, IssuerSet iset, bytes tok, Py_ssize_t n, doub
     # 11. Claims (RFC 7519 §4.1).
     code = _check_claims(v, <dict>claims, now, auds, r, &not_before, &expires)
     if code != R_OK:
+        # A validly signed token outside its time window: remember it like a bad signature, so
+        # a client replaying an expired token costs a dict lookup, not a signature (W3). Only
+        # the pure time checks (exp, nbf, iat): their answer is a function of the clock and
+        # the bound, re-checked on every hit (_neg_hit). A max_lifetime reject without iat
+        # depends on the clock the other way (exp - now shrinks) and is never stored.
+        if cache._neg_max > 0 and n <= _MAX_CACHED:
+            if code == R_TOKEN_EXPIRED and r._detail is D_EXP:
+                cache._neg_put(tok, v, hdr.kid, alg, d1, d2, code, expires, INFINITY)
+            elif code == R_TOKEN_NOT_YET_VALID:
+                early = (<dict>claims)["nbf" if r._detail is D_NBF else "iat"]
+                cache._neg_put(tok, v, hdr.kid, alg, d1, d2, code, expires, _as_double(early))
         return _set(r, code, r._detail)
     r._code = R_OK
     r._detail = D_OK
@@ -1730,12 +1833,18 @@ cdef Result _full(Verifier single, IssuerSet iset, bytes tok, Py_ssize_t n, doub
     return r
 
 
+cdef inline bint _typ_ok(Verifier v, _Header hdr) except -1:
+    """The header's typ is one the provider allows (``v._typ`` is not None)."""
+    return hdr.typ is not None and PySet_Contains(v._typ, hdr.typ) == 1
+
+
 cdef Result _bad_sig(Result r, TokenCache cache, bytes tok, Py_ssize_t n, Verifier v,
                      _Header hdr, Py_ssize_t d1, Py_ssize_t d2):
     # Remember the reject (never in the verified-token LRU): a replayed bad token then costs a
     # dict lookup instead of a signature check (W3). Large tokens are never stored.
     if cache._neg_max > 0 and n <= _MAX_CACHED:
-        cache._neg_put(tok, v, hdr.kid, hdr.alg, d1, d2)
+        cache._neg_put(tok, v, hdr.kid, hdr.alg, d1, d2, R_SIGNATURE_INVALID, INFINITY,
+                       INFINITY)
     return _set(r, R_SIGNATURE_INVALID, D_SIGNATURE)
 
 

@@ -6,7 +6,8 @@ null), ``method``, ``path``, ``status``, ``reason`` (``Reason.label`` of a rejec
 reached), ``upstream_status`` (the upstream's status, null when the gateway answered itself),
 ``client`` (the peer address, or from a ``trusted_proxies`` peer the address it put last in
 X-Forwarded-For), ``bytes_in`` / ``bytes_out`` (request head fields and body received,
-response bytes written) and ``user_agent`` (capped at :data:`MAX_USER_AGENT`). What is never
+response bytes written), ``user_agent`` (capped at :data:`MAX_USER_AGENT`), ``request_id``
+(the X-Request-Id forwarded) and ``trace_id`` (of the W3C traceparent forwarded). What is never
 written: the token, the API key, any other header, and the query string
 (query strings carry ``access_token`` / ``api_key``, SPEC §2 ``token_from``); the path is cut
 at ``?`` even when the caller passed the whole request target, and capped at
@@ -126,6 +127,8 @@ class AccessLog:
         bytes_in: int | None = None,
         bytes_out: int | None = None,
         user_agent: str | None = None,
+        request_id: str | None = None,
+        trace_id: str | None = None,
     ) -> None:
         """Record one request.
 
@@ -158,6 +161,8 @@ class AccessLog:
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
             "user_agent": None if user_agent is None else _untrusted(user_agent, MAX_USER_AGENT),
+            "request_id": request_id,
+            "trace_id": trace_id,
         }
         try:
             line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
@@ -267,7 +272,10 @@ class RequestLogAdapter:
         self._log(route, request.method, request.raw_path, status, reason, duration,
                   upstream_latency, upstream_status=request.upstream_status or None,
                   client=request.client, bytes_in=request.bytes_in,
-                  bytes_out=request.bytes_out, user_agent=request.user_agent)
+                  bytes_out=request.bytes_out, user_agent=request.user_agent,
+                  request_id=None if request.request_id is None
+                  else request.request_id.decode("ascii"),
+                  trace_id=request.trace_id)
 
 
 def _micros(seconds: float) -> float:

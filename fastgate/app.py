@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastgate._http import RelayConn
@@ -46,6 +46,7 @@ from fastgate.proxy import (
 )
 from fastgate.responses import DEFAULT_REJECTS, build_rejects
 from fastgate.routes import RouteTable
+from fastgate.tls import ListenerTLS, TLSLoadError
 from fastgate.upstream import UpstreamPool
 
 log = logging.getLogger("fastgate.app")
@@ -81,6 +82,7 @@ def build_verifier(provider: ProviderConfig, cache: TokenCache, max_token_bytes:
         clock_skew=provider.clock_skew,
         require=provider.require,
         max_lifetime=provider.max_lifetime,
+        typ=provider.typ,
         cache=cache,
         max_token_bytes=max_token_bytes,
         name=provider.name,
@@ -116,8 +118,8 @@ def compile_tables(
     pools: dict[str, UpstreamPool] = {}
     for name, ucfg in config.upstreams.items():
         if previous is not None and previous.config.upstreams.get(name) == ucfg \
-                and name in previous.pools:
-            pools[name] = previous.pools[name]
+                and name in previous.pools and not previous.pools[name].tls_files_changed:
+            pools[name] = previous.pools[name]  # a renewed CA/client cert: a new pool
             continue
         try:
             pools[name] = UpstreamPool(ucfg, conn_class=RelayConn,
@@ -218,6 +220,11 @@ def compile_tables(
                 errors.append(f"{p}.auth.api_key: api_keys needs a header or a query name")
             else:
                 api_check = ApiKeyCheck(auth.api_key, api_table)
+        if auth.certificate_bound and (config.tls is None or config.tls.client_auth == "none"):
+            # RFC 8705 §3 needs the client's certificate: without TLS client authentication
+            # every request on the route would be rejected.
+            errors.append(f"{p}.auth.certificate_bound: needs tls with client_ca and "
+                          "client_auth optional or required")
         policy = Policy(auth)
         issuer_set: IssuerSet | None = None
         extractor: TokenExtractor | None = None
@@ -247,6 +254,7 @@ def compile_tables(
             allow_missing=auth.allow_missing,
             forward_token=auth.forward_token,
             cors_bypass=auth.cors_preflight == "bypass",
+            certificate_bound=auth.certificate_bound,
         ))
     if errors:
         raise ConfigError(errors)
@@ -288,6 +296,8 @@ class Gateway:
         self.metrics = metrics
         self.plane = DataPlane(tables, metrics=metrics, access_log=access_log)
         self._http: Server | None = None  # the data plane's protocol factory
+        #: TLS on ``listen`` (``config.tls``): built by :meth:`build`, polled after start.
+        self.tls: ListenerTLS | None = None
         self._server: asyncio.Server | None = None
         self._retiring: dict[asyncio.Task[None], Tables] = {}
         self._started_sources: set[int] = set()
@@ -298,8 +308,26 @@ class Gateway:
               access_log: AccessLog | None = None, worker: int = 0) -> Gateway:
         """Compile ``config`` (raises ConfigError listing every semantic problem)."""
         tables = compile_tables(config, metrics=metrics)
+        gateway = cls(tables, metrics=metrics, access_log=access_log, worker=worker)
+        gateway.tls = gateway._listener_tls(config)
         _track_cache(metrics, tables)
-        return cls(tables, metrics=metrics, access_log=access_log, worker=worker)
+        return gateway
+
+    def _listener_tls(self, config: GatewayConfig) -> ListenerTLS | None:
+        if config.tls is None:
+            return None
+        try:
+            return ListenerTLS(config.tls, on_reload=self._tls_files_reloaded)
+        except TLSLoadError as exc:
+            raise ConfigError([f"tls: {exc}"]) from None
+
+    def _tls_files_reloaded(self, ok: bool) -> None:
+        # Certificates renewed on disk count as reloads (a broken renewal is the one to alert
+        # on). Every worker polls its own files; worker 0 alone counts, as the master does for
+        # SIGHUP reloads, so N workers do not count one renewal N times.
+        count = getattr(self.metrics, "config_reload", None)
+        if self.worker == 0 and callable(count):
+            count("success" if ok else "failure")
 
     # -- properties -------------------------------------------------------------------------
 
@@ -333,16 +361,27 @@ class Gateway:
         loop = asyncio.get_running_loop()
         await self._start_sources(self.plane.tables.key_sources.values())
         config = self.config
-        self._http = Server(self.plane, loop)
+        if self.tls is None:
+            self.tls = self._listener_tls(config)
+        # RFC 8446 / RFC 5246 on the listener: uvloop's TLS transport under the same
+        # protocol; a handshake (or a plain-HTTP client, or one that stalls mid-handshake) is
+        # cut after timeouts.handshake, before any byte reaches the HTTP layer.
+        tls_args: dict[str, Any] = {} if self.tls is None else {
+            "ssl": self.tls.context, "ssl_handshake_timeout": config.timeouts.handshake}
+        # RFC 9110 §4.3.4 / §7.2: requests received over TLS are forwarded as https.
+        self._http = Server(self.plane, loop,
+                            scheme=b"http" if self.tls is None else b"https")
         if sock is not None:
             self._server = await loop.create_server(self._http, sock=sock,
-                                                    backlog=LISTEN_BACKLOG)
+                                                    backlog=LISTEN_BACKLOG, **tls_args)
         else:
             self._server = await loop.create_server(
                 self._http, config.listen.host, config.listen.port, reuse_port=True,
-                reuse_address=True, backlog=LISTEN_BACKLOG)
-        log.info("worker %d: data plane listening on %s:%d", self.worker,
-                 config.listen.host, self.port)
+                reuse_address=True, backlog=LISTEN_BACKLOG, **tls_args)
+        if self.tls is not None:
+            self.tls.start()
+        log.info("worker %d: data plane listening on %s:%d%s", self.worker,
+                 config.listen.host, self.port, " (TLS)" if self.tls is not None else "")
 
     async def _start_sources(self, sources: Iterable[Any]) -> None:
         todo = [s for s in sources if id(s) not in self._started_sources]
@@ -366,6 +405,12 @@ class Gateway:
             log.warning("listen address changes need a restart; keeping %s:%d",
                         old.config.listen.host, old.config.listen.port)
         try:
+            # The certificate files are read again (SIGHUP = use the renewed ones now).
+            tls_commit = self._prepare_tls(old.config, new_config)
+        except TLSLoadError as exc:
+            await _close_unshared(new, old)
+            raise ConfigError([f"tls: {exc}"]) from None
+        try:
             await self._start_sources(new.key_sources.values())
         except ConfigError:
             await _close_unshared(new, old)
@@ -376,6 +421,8 @@ class Gateway:
                         providers=list(new_config.providers),
                         upstreams=list(new_config.upstreams))
         _track_cache(self.metrics, new)
+        if tls_commit is not None:
+            tls_commit()  # new handshakes get the new certificates; open connections keep theirs
         self.plane.tables = new  # the atomic switch
         if self._http is not None:
             self._http.configure()  # new limits and timeouts for new connections
@@ -383,6 +430,22 @@ class Gateway:
             self._retire(old, new, new_config.drain_timeout))
         self._retiring[task] = old
         task.add_done_callback(lambda t: self._retiring.pop(t, None))
+
+    def _prepare_tls(self, old: GatewayConfig,
+                     new: GatewayConfig) -> Callable[[], None] | None:
+        """Load the listener's new certificates (TLSLoadError: broken) and return the switch
+        to them (None: no TLS). Turning TLS on or off, or a new handshake timeout, needs a
+        restart (the listening socket keeps its settings)."""
+        if (old.tls is None) != (new.tls is None) and self._server is not None:
+            log.warning("turning TLS on or off on `listen` needs a restart; keeping %s",
+                        "TLS" if old.tls is not None else "plain HTTP")
+        if new.timeouts.handshake != old.timeouts.handshake and self._server is not None \
+                and self.tls is not None:
+            log.warning("timeouts.handshake changes need a restart; keeping %gs",
+                        old.timeouts.handshake)
+        if self.tls is None or new.tls is None:
+            return None
+        return self.tls.prepare(new.tls)
 
     async def _retire(self, old: Tables, new: Tables, timeout: float) -> None:
         loop = asyncio.get_running_loop()
@@ -412,6 +475,8 @@ class Gateway:
         if self._closed:
             return
         self._closed = True
+        if self.tls is not None:
+            await self.tls.stop()
         await self.drain(0.0)
         if self._server is not None:
             with contextlib.suppress(Exception):

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +17,7 @@ import orjson
 from fastgate.errors import ConfigError
 
 if TYPE_CHECKING:
-    from fastgate.config import GatewayConfig
+    from fastgate.config import GatewayConfig, RouteMatch
 
 
 def _load_or_report(path: str) -> GatewayConfig | None:
@@ -79,18 +82,142 @@ def path_regex_warnings(config: GatewayConfig) -> list[str]:
     return out
 
 
+def _covers_path(a: RouteMatch, b: RouteMatch) -> bool:
+    """Every path ``b`` matches, ``a`` matches too (prefixes are plain string prefixes and
+    regexes are full-matched, as in fastgate/_routes.pyx)."""
+    if a.path is None and a.path_prefix is None and a.path_regex is None:
+        return True  # host only: every path
+    if a.path_prefix is not None:
+        inner = b.path_prefix if b.path_prefix is not None else b.path
+        if inner is None and b.path_regex is not None:
+            inner = _literal_prefix(b.path_regex)  # every path it matches starts with this
+        return inner is not None and inner.startswith(a.path_prefix)
+    if a.path is not None:
+        return b.path == a.path
+    if b.path_regex is not None:
+        return b.path_regex == a.path_regex
+    return b.path is not None and re.fullmatch(a.path_regex or "", b.path) is not None
+
+
+_REGEX_SPECIAL = frozenset(".^$*+?{}[]\\|()")
+
+
+def _literal_prefix(regex: str) -> str:
+    """The plain characters a full match of ``regex`` must start with: ``/v1/`` of
+    ``^/v1/.*``; a character a quantifier makes optional is not part of it."""
+    body = regex[1:] if regex.startswith("^") else regex
+    if "|" in body:
+        return ""  # an alternation can start anywhere
+    end = 0
+    while end < len(body) and body[end] not in _REGEX_SPECIAL:
+        end += 1
+    if end < len(body) and body[end] in "*?{" and end > 0:
+        end -= 1  # "/ab?": b is optional
+    return body[:end]
+
+
+def shadowed_route_warnings(config: GatewayConfig) -> list[str]:
+    """Routes no request can reach: an earlier route matches everything they match (its path
+    rule covers theirs, its methods include theirs, its host is theirs or any). First match
+    wins (SPEC §2), so such a route is dead configuration, usually an ordering mistake."""
+    out: list[str] = []
+    routes = config.routes
+    for j, later in enumerate(routes):
+        for i in range(j):
+            first = routes[i]
+            a, b = first.match, later.match
+            if a.host is not None and a.host != b.host:
+                continue
+            if a.methods is not None and (b.methods is None or not set(b.methods) <= set(
+                    a.methods)):
+                continue
+            if _covers_path(a, b):
+                out.append(f"routes[{j}] ({later.name}) is never used: routes[{i}] "
+                           f"({first.name}) comes first and matches every request it would "
+                           "(first match wins); move it above or narrow the earlier match")
+                break
+    return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def summary(config: GatewayConfig) -> str:
+    """``3 routes, 1 provider, 2 upstreams``."""
+    return ", ".join((_count(len(config.routes), "route"),
+                      _count(len(config.providers), "provider"),
+                      _count(len(config.upstreams), "upstream")))
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.online and args.config == "-":
+        # Relative jwks_file paths and secrets are fine from stdin, but an online check is for
+        # the file that will be deployed: say which one.
+        print("fastgate check: --online needs a config file, not '-'", file=sys.stderr)
+        return 2
     config = _load_stdin_or_report() if args.config == "-" else _load_or_report(args.config)
     if config is None:
         return 1
-    for warning in path_regex_warnings(config):
+    for warning in path_regex_warnings(config) + shadowed_route_warnings(config):
         print(f"warning: {warning}", file=sys.stderr)
     name = STDIN_NAME if args.config == "-" else args.config
-    print(
-        f"{name}: OK ({len(config.routes)} routes, {len(config.providers)} providers, "
-        f"{len(config.upstreams)} upstreams)"
-    )
+    if not args.online:
+        print(f"{name}: OK ({summary(config)})")
+        return 0
+    import asyncio
+
+    from fastgate.online import check_online, render
+
+    items = asyncio.run(check_online(config))
+    if items:
+        print(render(items))
+    failed = sum(not i.ok for i in items)
+    if failed:
+        print(f"{name}: {failed} of {len(items)} online check{'s' if len(items) != 1 else ''} "
+              f"failed ({summary(config)})")
+        return 1
+    print(f"{name}: OK ({summary(config)}; {_count(len(items), 'online check')} passed)")
     return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from fastgate.schema import schema
+
+    print(orjson.dumps(schema(), option=orjson.OPT_INDENT_2).decode())
+    return 0
+
+
+def version_text() -> str:
+    """``fastgate --version``: the version and what this build runs on."""
+    import importlib.machinery
+    import platform
+    import ssl
+
+    from cryptography import __version__ as crypto_version
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    import fastgate
+
+    package = Path(fastgate.__file__).resolve().parent
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+    compiled: list[str] = []
+    missing: list[str] = []
+    for source in sorted(package.glob("_*.pyx")):
+        name = source.stem
+        (compiled if any((package / f"{name}{sfx}").exists() for sfx in suffixes)
+         else missing).append(name)
+    ext = "compiled: " + (", ".join(compiled) or "none")
+    if missing:
+        ext += "; MISSING: " + ", ".join(missing)
+    return "\n".join((
+        f"fastgate {fastgate.__version__}",
+        f"extensions: {ext}",
+        f"signatures: {backend.openssl_version_text()} (cryptography {crypto_version})",
+        f"tls: {ssl.OPENSSL_VERSION} (Python ssl)",
+        f"python: {platform.python_implementation()} {platform.python_version()} "
+        f"({sys.platform})",
+    ))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -99,7 +226,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from fastgate import supervisor
 
-    return supervisor.run(config, workers=args.workers, log_level=args.log_level)
+    return supervisor.run(config, workers=args.workers, log_level=args.log_level,
+                          log_format=args.log_format)
 
 
 def _claim_value(text: str) -> Any:
@@ -111,18 +239,18 @@ def _claim_value(text: str) -> Any:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    """Every argument is checked before anything is printed: a bad --exp after a throw-away
+    key's JWK would leave a JWK for a token that never came."""
     from fastgate.config import parse_duration
     from fastgate.devtoken import generate_key, load_key, mint
 
-    if args.key:
-        key = load_key(Path(args.key).read_bytes(), alg=args.alg, kid=args.kid)
-    else:
-        key = generate_key(args.alg or "RS256", kid=args.kid or "dev")
-        print("# no --key given: signed with a throw-away key; its public JWK:", file=sys.stderr)
-        print(orjson.dumps(key.public_jwk()).decode(), file=sys.stderr)
     claims: dict[str, Any] = {}
     if args.claims:
-        loaded = orjson.loads(args.claims)
+        try:
+            loaded = orjson.loads(args.claims)
+        except orjson.JSONDecodeError as exc:
+            print(f"--claims: not JSON: {exc}", file=sys.stderr)
+            return 2
         if not isinstance(loaded, dict):
             print("--claims must be a JSON object", file=sys.stderr)
             return 2
@@ -138,17 +266,34 @@ def cmd_token(args: argparse.Namespace) -> int:
             claims[name] = getattr(args, name)
     if args.aud:
         claims["aud"] = args.aud[0] if len(args.aud) == 1 else list(args.aud)
-    lifetime = parse_duration(args.exp, "--exp")
-    print(mint(key, claims, lifetime=lifetime))
+    try:
+        lifetime = parse_duration(args.exp, "--exp")
+    except ValueError as exc:
+        print(str(exc) if "--exp" in str(exc) else f"--exp: {exc}", file=sys.stderr)
+        return 2
+    if args.key:
+        key = load_key(Path(args.key).read_bytes(), alg=args.alg, kid=args.kid)
+    else:
+        key = generate_key(args.alg or "RS256", kid=args.kid or "dev")
+    token = mint(key, claims, lifetime=lifetime)  # may refuse the claims: nothing printed yet
+    if not args.key:
+        print("# no --key given: signed with a throw-away key; its public JWK:", file=sys.stderr)
+        print(orjson.dumps(key.public_jwk()).decode(), file=sys.stderr)
+    print(token)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from fastgate import demo
 
-    if args.duration is not None and args.duration <= 0:
-        print("--duration must be > 0 seconds", file=sys.stderr)
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        print("--duration must be a number of seconds > 0", file=sys.stderr)
         return 2
+    for flag, port in (("--port", args.port), ("--admin-port", args.admin_port)):
+        if port is not None and not 0 <= port <= 65535:
+            print(f"{flag}: {port} is not a port (0-65535; 0 = any free port)",
+                  file=sys.stderr)
+            return 2
     return demo.main(port=args.port, duration=args.duration, as_json=args.json,
                      workdir=args.dir, admin_port=args.admin_port)
 
@@ -200,10 +345,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fastgate", description="JWT-validating edge reverse proxy"
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="print the version and build information and exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", help="serve the gateway")
     run.add_argument("-c", "--config", required=True, help="gateway YAML file")
@@ -213,12 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
                      type=str.lower, default=None,
                      help="log level of the master and the workers (default: "
                           "$FASTGATE_LOG_LEVEL, else info); debug adds per-request detail")
+    run.add_argument("--log-format", choices=("text", "json"), type=str.lower, default=None,
+                     help="operational log lines: text, or one JSON object per line "
+                          "(default: the config's log_format, else text)")
     run.set_defaults(func=cmd_run)
 
     check = sub.add_parser("check", help="validate a config; exit 1 listing every error")
     check.add_argument("-c", "--config", required=True,
                        help="gateway YAML file ('-' reads it from standard input)")
+    check.add_argument("--online", action="store_true",
+                       help="also fetch every discovery document and JWKS and connect to "
+                            "every upstream; one line per check, exit 1 on any failure")
     check.set_defaults(func=cmd_check)
+
+    schema = sub.add_parser("schema", help="print the config's JSON Schema (draft 2020-12)")
+    schema.set_defaults(func=cmd_schema)
 
     token = sub.add_parser("token", help="mint a development token")
     token.add_argument("--key", help="private key file: PEM or JWK (default: throw-away key)")
@@ -259,6 +415,23 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("token", metavar="TOKEN", help="the JWT ('-' reads it from stdin)")
     verify.set_defaults(func=cmd_verify)
     return parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line naming the command and where to read more (argparse's default
+    prints the whole usage block first)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+class _Version(argparse.Action):
+    """``--version``: computed only when asked (it imports cryptography's backend)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        print(version_text())
+        parser.exit(0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

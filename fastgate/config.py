@@ -52,6 +52,7 @@ class Timeouts:
     header: float = 10.0  # the whole request head must arrive within this (slowloris)
     keepalive: float = 75.0  # idle time between requests on a persistent connection
     send: float = 30.0  # a client that takes none of its response for this long is cut off
+    handshake: float = 10.0  # a TLS handshake must complete within this (RFC 8446 §4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,12 +61,48 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """``upstreams.NAME.tls`` of an https:// upstream (RFC 9110 §4.3.4). Paths are absolute."""
+
+    ca_file: str | None = None  # None: the system trust store
+    server_name: str | None = None  # SNI and the name checked; None: the URL's host
+    cert: str | None = None  # client certificate (upstream mTLS), with ``key``
+    key: str | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
-    url: str  # http://host:port[/base-path]
+    url: str  # http://host:port[/base-path] or https://host:port[/base-path]
     connect_timeout: float = 2.0
     read_timeout: float = 30.0
     max_connections: int = 1024
+    tls: UpstreamTlsConfig | None = None  # https:// URLs only (None: verify, system store)
+
+
+@dataclass(frozen=True, slots=True)
+class TlsCertificate:
+    """One listener certificate: PEM chain and key (absolute paths); ``server_names`` empty:
+    the certificate's own DNS names (subjectAltName) select it (RFC 6066 §3 SNI)."""
+
+    cert: str
+    key: str
+    server_names: tuple[str, ...] = ()  # lower-case; "*.example.com" matches one label
+
+
+TlsVersion = Literal["1.2", "1.3"]
+ClientAuth = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """``tls``: TLS on ``listen`` (RFC 8446, RFC 5246). The first certificate is the default."""
+
+    certificates: tuple[TlsCertificate, ...]
+    min_version: TlsVersion = "1.2"
+    client_ca: str | None = None  # CA bundle client certificates are verified against
+    client_auth: ClientAuth = "none"
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +146,7 @@ class ProviderConfig:
     clock_skew: float = 60.0
     require: tuple[str, ...] = ("exp",)
     max_lifetime: float | None = None
+    typ: tuple[str, ...] | None = None  # allowed JOSE typ values (RFC 9068 §4); None: unchecked
     jwks_cache: JwksCacheConfig = field(default_factory=JwksCacheConfig)
     token_from: tuple[TokenSource, ...] = DEFAULT_TOKEN_FROM
 
@@ -159,10 +197,14 @@ class ApiKeyRule:
     bind_claim: ClaimPath | None = None
 
 
+ClaimTemplate = tuple[str | ClaimPath, ...]  # literal text and claim paths, in order
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimHeader:
     header: str
-    path: ClaimPath
+    path: ClaimPath  # () for a template
+    template: ClaimTemplate | None = None  # "{sub}@{tenant.id}": parts in order
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +222,7 @@ class AuthConfig:
     failure_status: int | None = None
     hide_reasons: bool = False
     cors_preflight: Literal["bypass", "auth"] = "auth"
+    certificate_bound: bool = False  # RFC 8705 §3: cnf["x5t#S256"] = the client certificate
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +242,16 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    # X-Request-Id: kept from a trusted_proxies peer, generated otherwise (absent, or sent by
+    # anyone else); forwarded and in the access log.
+    request_id: bool = True
+    # W3C Trace Context (traceparent): "pass" forwards a valid one; "create" also makes one
+    # when it is absent or invalid.
+    traceparent: Literal["pass", "create"] = "pass"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listen: Address = Address("0.0.0.0", 8080)
     admin: Address | None = Address("127.0.0.1", 9901)
@@ -212,8 +265,11 @@ class GatewayConfig:
     api_keys: ApiKeysConfig | None = None
     routes: tuple[RouteConfig, ...] = ()
     access_log: AccessLogConfig = field(default_factory=AccessLogConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     metrics: bool = True
     drain_timeout: float = 30.0
+    tls: TlsConfig | None = None  # None: plain HTTP on `listen`
+    log_format: Literal["text", "json"] = "text"  # operational logs (fastgate/logformat.py)
     source: str | None = None  # path the config was read from, for logs and reloads
 
 
@@ -245,14 +301,16 @@ _RESERVED_HEADERS = HOP_BY_HOP | frozenset({
 })
 
 _TOP_KEYS = ("listen", "admin", "workers", "limits", "timeouts", "trusted_proxies", "cache",
-             "upstreams", "providers", "api_keys", "routes", "access_log", "metrics",
-             "drain_timeout")
+             "upstreams", "providers", "api_keys", "routes", "access_log", "tracing", "metrics",
+             "drain_timeout", "tls", "log_format")
+# RFC 6838 §4.2 restricted-name type "/" subtype, as lower-case ASCII.
+_TYP_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _PROVIDER_KEYS = ("issuer", *_KEY_SOURCES, "audiences", "algorithms", "clock_skew", "require",
-                  "max_lifetime", "jwks_cache", "token_from")
+                  "max_lifetime", "typ", "jwks_cache", "token_from")
 _ROUTE_KEYS = ("name", "match", "upstream", "strip_prefix", "auth")
 _AUTH_KEYS = ("providers", "mode", "audiences", "scopes", "claims", "api_key", "allow_missing",
               "forward_token", "claim_headers", "payload_header", "failure_status",
-              "hide_reasons", "cors_preflight")
+              "hide_reasons", "cors_preflight", "certificate_bound")
 _CLAIM_OPS: tuple[ClaimOp, ...] = ("equals", "one_of", "contains", "present")
 _NONE: tuple[str, ...] = ()
 
@@ -278,6 +336,51 @@ def parse_duration(value: object, path: str | None = None) -> float:
                    "500ms, 30s, 10m, 24h, 7d or 1h30m (each unit once, largest first)")
         raise ValueError(f"{path}: {message}" if path else message)
     return seconds
+
+
+def parse_claim_template(text: str) -> ClaimTemplate:
+    """``"{sub}@{tenant.id}"`` -> ``(("sub",), "@", ("tenant", "id"))``: literal text and the
+    claim paths of its ``{...}`` placeholders (``{{`` and ``}}`` are literal braces; a
+    placeholder's path may be quoted as in :func:`parse_claim_path`). Raises ValueError for
+    an unbalanced brace, an empty placeholder or a control character in the literal text."""
+    parts: list[str | ClaimPath] = []
+    literal: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch in "{}" and text.startswith(ch * 2, i):
+            literal.append(ch)
+            i += 2
+        elif ch == "{":
+            j, quoted = i + 1, False
+            while j < n and (quoted or text[j] != "}"):
+                if text.startswith('["', j) and not quoted:
+                    quoted, j = True, j + 2
+                    continue
+                if quoted and text.startswith('"]', j):
+                    quoted, j = False, j + 2
+                    continue
+                j += 2 if quoted and text[j] == "\\" else 1
+            if j >= n:
+                raise ValueError(f"unterminated placeholder at position {i}")
+            if literal:
+                parts.append("".join(literal))
+                literal = []
+            parts.append(parse_claim_path(text[i + 1:j]))
+            i = j + 1
+        elif ch == "}":
+            raise ValueError(f"unmatched '}}' at position {i} (write '}}}}' for a literal brace)")
+        else:
+            if not " " <= ch <= "~":
+                # Every header fastgate writes is ASCII without controls (SPEC §2).
+                raise ValueError(f"control or non-ASCII character at position {i}")
+            literal.append(ch)
+            i += 1
+    if literal:
+        parts.append("".join(literal))
+    if not any(isinstance(p, tuple) for p in parts):
+        raise ValueError("a template needs at least one {claim} placeholder")
+    return tuple(parts)
 
 
 def parse_claim_path(text: str) -> ClaimPath:
@@ -784,7 +887,7 @@ class _Walker:
                                                    _field_names(Timeouts))):
             timeouts = Timeouts(*(self.opt(tm, k, "timeouts", getattr(d.timeouts, k),
                                            self.duration, positive=True)
-                                  for k in ("header", "keepalive", "send")))
+                                  for k in ("header", "keepalive", "send", "handshake")))
         trusted = self.networks(m["trusted_proxies"], "trusted_proxies") \
             if "trusted_proxies" in m else ()
         if "cache" in m and (cm := self.mapping(m["cache"], "cache", ("max_entries",))):
@@ -819,8 +922,12 @@ class _Walker:
             cache=cache or d.cache,
             upstreams=upstreams, providers=providers, api_keys=api_keys, routes=routes,
             access_log=access_log or d.access_log,
+            tracing=self.tracing(m["tracing"], "tracing") if "tracing" in m else d.tracing,
             metrics=self.opt(m, "metrics", "", d.metrics, self.boolean),
             drain_timeout=self.opt(m, "drain_timeout", "", d.drain_timeout, self.duration),
+            log_format=cast(Literal["text", "json"], self.opt(
+                m, "log_format", "", str(d.log_format), self.choice, options=("text", "json"))),
+            tls=self.tls(m["tls"], "tls") if m.get("tls") is not None else None,
             source=source,
         )
 
@@ -846,29 +953,154 @@ class _Walker:
         timeouts = [self.opt(m, k, path, getattr(d, k), self.duration, positive=True)
                     for k in ("connect_timeout", "read_timeout")]
         max_conn = self.opt(m, "max_connections", path, d.max_connections, self.integer, lo=1)
-        return UpstreamConfig(name, url or "", timeouts[0], timeouts[1], max_conn)
+        tls = None
+        if m.get("tls") is not None:
+            tls = self.upstream_tls(m["tls"], f"{path}.tls")
+            if url is not None and not url.startswith("https://"):
+                self.err(f"{path}.tls", "is only for https:// upstream URLs")
+        return UpstreamConfig(name, url or "", timeouts[0], timeouts[1], max_conn, tls)
 
     def upstream_url(self, value: Any, path: str) -> str | None:
-        """Normalized to http://host:port[/base] (explicit port, no trailing slash)."""
+        """Normalized to http(s)://host:port[/base] (explicit port, no trailing slash); the
+        default port is 80 for http and 443 for https (RFC 9110 §4.2.1, §4.2.2)."""
         url = self.string(value, path)
         if url is None:
             return None
         parts = urlsplit(url)
         try:
-            port = parts.port or 80
+            port = parts.port or (443 if parts.scheme == "https" else 80)
         except ValueError:
             self.err(path, f"invalid port in {url!r}")
             return None
-        if parts.scheme == "https":
-            self.err(path, "https upstreams are not supported")
-        elif parts.scheme != "http" or not parts.hostname:
-            self.err(path, f"must be http://host:port[/path], got {url!r}")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.err(path, f"must be http://host:port[/path] or https://host:port[/path], "
+                           f"got {url!r}")
         elif parts.query or parts.fragment or parts.username is not None:
             self.err(path, "must not contain credentials, a query or a fragment")
         else:
             host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-            return f"http://{host}:{port}{parts.path.rstrip('/')}"
+            return f"{parts.scheme}://{host}:{port}{parts.path.rstrip('/')}"
         return None
+
+    def upstream_tls(self, value: Any, path: str) -> UpstreamTlsConfig | None:
+        """``upstreams.NAME.tls``: how the https upstream is verified (RFC 9110 §4.3.4)."""
+        m = self.mapping(value, path, _field_names(UpstreamTlsConfig))
+        if m is None:
+            return None
+        from fastgate import tls as _tls  # the certificate checks (imports nothing of ours)
+
+        ca_file = self.opt(m, "ca_file", path, None, self.pem_path)
+        if ca_file is not None and (ca_problem := _tls.check_ca_file(ca_file)):
+            self.err(f"{path}.ca_file", ca_problem)
+        server_name = self.opt(m, "server_name", path, None, self.server_name)
+        cert = self.opt(m, "cert", path, None, self.pem_path)
+        key = self.opt(m, "key", path, None, self.pem_path)
+        if ("cert" in m) != ("key" in m):
+            missing = "key" if "cert" in m else "cert"
+            self.err(f"{path}.{missing}", "required key is missing (a client certificate needs "
+                                          "both cert and key)")
+        elif cert is not None and key is not None:
+            for which, problem in _tls.check_certificate(cert, key):
+                self.err(f"{path}.{which}", problem)
+        return UpstreamTlsConfig(ca_file=ca_file, server_name=server_name, cert=cert, key=key,
+                                 verify=self.opt(m, "verify", path, True, self.boolean))
+
+    def tls(self, value: Any, path: str) -> TlsConfig | None:
+        """``tls``: TLS on ``listen`` (RFC 8446, RFC 5246); certificates chosen by SNI."""
+        m = self.mapping(value, path, _field_names(TlsConfig), required=("certificates",))
+        if m is None:
+            return None
+        from fastgate import tls as _tls
+
+        certificates: list[TlsCertificate] = []
+        claimed: dict[str, str] = {}  # server name -> path of the certificate that claims it
+        raw = m.get("certificates")
+        if "certificates" in m and not isinstance(raw, list):
+            self.err(f"{path}.certificates", "must be a list of {cert, key[, server_names]}, "
+                                             f"got {_kind(raw)}")
+        elif isinstance(raw, list) and not raw:
+            self.err(f"{path}.certificates", "must not be empty")
+        for i, item in enumerate(raw if isinstance(raw, list) else ()):
+            cpath = f"{path}.certificates[{i}]"
+            c = self.mapping(item, cpath, _field_names(TlsCertificate),
+                             required=("cert", "key"))
+            if c is None:
+                continue
+            cert = self.opt(c, "cert", cpath, None, self.pem_path)
+            key = self.opt(c, "key", cpath, None, self.pem_path)
+            if cert is not None and key is not None:
+                for which, problem in _tls.check_certificate(cert, key):
+                    self.err(f"{cpath}.{which}", problem)
+            names: tuple[str, ...] = ()
+            if "server_names" in c:
+                listed = self.names(c["server_names"], f"{cpath}.server_names",
+                                    what="server name") or ()
+                names = tuple(n.lower() for n in listed)
+                for j, name in enumerate(names):
+                    npath = f"{cpath}.server_names[{j}]"
+                    if not _tls.valid_server_name(name, wildcard=True):
+                        self.err(npath, f"invalid server name {name!r}: a DNS name, optionally "
+                                        "starting with '*.' (RFC 6066 §3: no IP addresses)")
+                    elif name in claimed:
+                        self.err(npath, f"server name {name!r} is already served by "
+                                        f"{claimed[name]}")
+                    else:
+                        claimed[name] = cpath
+            if cert is not None and key is not None:
+                certificates.append(TlsCertificate(cert, key, names))
+        min_version = "1.2"
+        if "min_version" in m:
+            raw_version = self._from_env(m["min_version"], f"{path}.min_version")
+            if isinstance(raw_version, float) and raw_version in (1.2, 1.3):
+                raw_version = str(raw_version)  # `min_version: 1.3` unquoted is a YAML float
+            min_version = self.choice(raw_version, f"{path}.min_version", ("1.2", "1.3")) \
+                or "1.2"
+        client_ca = self.opt(m, "client_ca", path, None, self.pem_path)
+        if client_ca is not None and (ca_problem := _tls.check_ca_file(client_ca)):
+            self.err(f"{path}.client_ca", ca_problem)
+        client_auth = self.opt(m, "client_auth", path, "none", self.choice,
+                               options=("none", "optional", "required"))
+        if client_auth != "none" and "client_ca" not in m:
+            self.err(f"{path}.client_ca", f"required key is missing (client_auth: {client_auth} "
+                                          "verifies client certificates against this CA file)")
+        if not certificates:
+            return None
+        return TlsConfig(certificates=tuple(certificates),
+                         min_version=cast(TlsVersion, min_version), client_ca=client_ca,
+                         client_auth=cast(ClientAuth, client_auth))
+
+    def pem_path(self, value: Any, path: str) -> str | None:
+        """A PEM file (certificate, key or CA bundle): absolute, relative to the config file,
+        and readable now. abspath, not realpath: a Kubernetes secret mount swaps a symlink."""
+        full, readable = self.readable_file(value, path)
+        return full if readable else None
+
+    def readable_file(self, value: Any, path: str) -> tuple[str | None, bool]:
+        """``(absolute path, readable now)``: relative to the config file; abspath, not
+        realpath, so a symlink swapped by a secret mount (Kubernetes ..data) is followed
+        again on every reload."""
+        text = self.string(value, path)
+        if text is None:
+            return None, False
+        full = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(text)))
+        try:
+            with open(full, "rb"):
+                pass
+        except OSError as exc:
+            self.err(path, f"cannot read {full!r}: {exc.strerror or exc}")
+            return full, False
+        return full, True
+
+    def server_name(self, value: Any, path: str) -> str | None:
+        name = self.string(value, path)
+        if name is None:
+            return None
+        from fastgate import tls as _tls
+
+        if not _tls.valid_server_name(name.lower(), wildcard=False):
+            self.err(path, f"invalid server name {name!r}: a DNS name (RFC 6066 §3)")
+            return None
+        return name.lower()
 
     def provider(self, name: str, value: Any, path: str) -> ProviderConfig | None:
         m = self.mapping(value, path, _PROVIDER_KEYS, required=("issuer",))
@@ -898,6 +1130,7 @@ class _Walker:
         max_lifetime = None
         if m.get("max_lifetime") is not None:
             max_lifetime = self.duration(m["max_lifetime"], f"{path}.max_lifetime", positive=True)
+        typ = self.opt(m, "typ", path, None, self.typ_values)
         return ProviderConfig(
             name=name, issuer=issuer or "", key_source=kind, jwks_uri=jwks_uri,
             jwks_file=jwks_file, jwks=jwks, secret=secret, audiences=audiences,
@@ -905,23 +1138,34 @@ class _Walker:
             clock_skew=self.opt(m, "clock_skew", path, 60.0, self.duration, hi=_MAX_CLOCK_SKEW),
             require=self.opt(m, "require", path, ("exp",), self.names, allow_empty=True,
                              what="claim name"),
-            max_lifetime=max_lifetime, jwks_cache=jwks_cache,
+            max_lifetime=max_lifetime, typ=typ, jwks_cache=jwks_cache,
             token_from=self.opt(m, "token_from", path, DEFAULT_TOKEN_FROM, self.token_from),
         )
 
-    def jwks_file(self, value: Any, path: str) -> str | None:
-        text = self.string(value, path)
-        if text is None:
+    def typ_values(self, value: Any, path: str) -> tuple[str, ...] | None:
+        """``providers.*.typ``: media types (RFC 6838 §4.2), "application/" optional and
+        case-insensitive (RFC 7515 §4.1.9); two spellings of one type are a duplicate."""
+        values = self.names(value, path, what="typ")
+        if values is None:
             return None
-        # Relative to the config file; abspath (not realpath) so a symlink swapped by a secret
-        # mount (Kubernetes ..data) is followed again on every reload.
-        full = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(text)))
-        try:
-            with open(full, "rb"):
-                pass
-        except OSError as exc:
-            self.err(path, f"cannot read {full!r}: {exc.strerror or exc}")
-        return full
+        seen: dict[str, str] = {}
+        bad = False
+        for i, item in enumerate(values):
+            low = item.lower()
+            full = low if "/" in low else f"application/{low}"
+            if not _TYP_RE.fullmatch(full):
+                self.err(f"{path}[{i}]", f"invalid typ {item!r}: a media type such as 'at+jwt' "
+                         "or 'application/at+jwt' (RFC 9068 §2.1)")
+                bad = True
+            elif full in seen and seen[full] != item:
+                self.err(f"{path}[{i}]", f"duplicate typ {item!r} (the same type as "
+                         f"{seen[full]!r}: case and the 'application/' prefix do not count)")
+                bad = True
+            seen.setdefault(full, item)
+        return None if bad or not values else values
+
+    def jwks_file(self, value: Any, path: str) -> str | None:
+        return self.readable_file(value, path)[0]
 
     def inline_jwks(self, value: Any, path: str) -> dict[str, Any] | None:
         m = self.mapping(value, path, None, required=("keys",))
@@ -1166,6 +1410,11 @@ class _Walker:
             for header, claim in (self.mapping(m["claim_headers"], p, None) or {}).items():
                 hp = _key_path(p, header)
                 name_ok = self.header_name(header, hp, taken)
+                if isinstance(claim, str) and ("{" in claim or "}" in claim):
+                    template = self.claim_template(claim, hp)
+                    if name_ok and template:
+                        headers.append(ClaimHeader(name_ok, (), template))
+                    continue
                 claim_path = self.claim_path(claim, hp)
                 if name_ok and claim_path:
                     headers.append(ClaimHeader(name_ok, claim_path))
@@ -1187,7 +1436,15 @@ class _Walker:
             hide_reasons=self.opt(m, "hide_reasons", path, False, self.boolean),
             cors_preflight=cast(Literal["bypass", "auth"], self.opt(
                 m, "cors_preflight", path, "auth", self.choice, options=("bypass",))),
+            certificate_bound=self.opt(m, "certificate_bound", path, False, self.boolean),
         )
+
+    def claim_template(self, value: str, path: str) -> ClaimTemplate | None:
+        try:
+            return parse_claim_template(value)
+        except ValueError as exc:
+            self.err(path, f"invalid claim template {value!r}: {exc}")
+            return None
 
     def claim_path(self, value: Any, path: str) -> ClaimPath | None:
         text = self.string(value, path)
@@ -1240,6 +1497,16 @@ class _Walker:
         bind = self.claim_path(m["bind_claim"], f"{path}.bind_claim") if "bind_claim" in m \
             else None
         return ApiKeyRule(self.opt(m, "required", path, True, self.boolean), bind)
+
+    def tracing(self, value: Any, path: str) -> TracingConfig:
+        d = TracingConfig()
+        m = self.mapping(value, path, _field_names(TracingConfig))
+        if m is None:
+            return d
+        mode: str = self.opt(m, "traceparent", path, str(d.traceparent), self.choice,
+                             options=("pass", "create"))
+        return TracingConfig(self.opt(m, "request_id", path, d.request_id, self.boolean),
+                             cast(Literal["pass", "create"], mode))
 
     def access_log(self, value: Any, path: str) -> AccessLogConfig | None:
         m = self.mapping(value, path, _field_names(AccessLogConfig))

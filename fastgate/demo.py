@@ -35,6 +35,7 @@ import logging
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import socket
 import sys
@@ -174,6 +175,7 @@ class DemoInfo:
     explain_command: str
     port_note: str | None = None
     duration: float | None = None
+    temporary: bool = False  # workdir is removed when the demo stops (no --dir)
 
     @property
     def metrics_url(self) -> str:
@@ -202,6 +204,7 @@ class DemoInfo:
             "requests": [r.to_dict() for r in self.requests],
             "mint_command": self.mint_command, "explain_command": self.explain_command,
             "port_note": self.port_note, "duration": self.duration,
+            "workdir_removed_on_stop": self.temporary,
         }
 
     def render(self) -> str:
@@ -218,6 +221,8 @@ class DemoInfo:
         add(f"  metrics        {self.metrics_url}   (readiness: {self.readyz_url})")
         add(f"  config         {self.config_path}")
         add(f"  signing key    {self.key_path}")
+        if self.temporary:
+            add("  (a temporary folder, removed when the demo stops; --dir DIR keeps it)")
         add("")
         add(textwrap.fill(
             "Routes: /public/ needs nothing; /api/orders needs a token with scope orders:read "
@@ -440,8 +445,14 @@ async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
     running = _Running()
     running.cleanups.append(signals.remove)
     try:
-        directory = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fastgate-demo-"))
-        directory.mkdir(parents=True, exist_ok=True)
+        if workdir:
+            directory = Path(workdir)
+            directory.mkdir(parents=True, exist_ok=True)
+        else:
+            # It holds the issuer's private key: removed when the demo stops, however it stops
+            # (Ctrl-C, SIGTERM, --duration, a failed start); first in, so it goes last.
+            directory = Path(tempfile.mkdtemp(prefix="fastgate-demo-"))
+            running.cleanups.insert(0, lambda: shutil.rmtree(directory, ignore_errors=True))
         key = generate_key("RS256", kid=KID)
         key_path = directory / "issuer-key.pem"
         _write_private(key_path, private_pem(key))
@@ -502,7 +513,7 @@ async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
                           f"--aud {AUDIENCE} --scope orders:read --exp 10m sub=bob "
                           "'tenant={\"id\":\"globex\"}' 'roles=[\"reader\"]'"),
             explain_command=f"fastgate verify -c {config_q} {tokens['expired']}",
-            port_note=port_note, duration=duration,
+            port_note=port_note, duration=duration, temporary=not workdir,
         )
         if as_json:
             out.write(orjson.dumps(info.to_dict()).decode() + "\n")

@@ -14,6 +14,8 @@ request path; this module only adds the words around the decision:
   the payload of a token whose signature did not verify is attacker-controlled text (a token
   rejected by a claim check after its signature verified carries the issuer's own claims);
 * which provider and key (kid, alg, kty, RFC 7638 thumbprint) decided;
+* the token's JOSE ``typ`` and the provider's allowed types (RFC 9068 §4), and for a
+  ``token_type_invalid`` what the token probably is (an ID token is typically ``JWT``);
 * for time checks, ``exp`` / ``nbf`` / ``iat`` against ``now`` and the provider's clock skew,
   and for ``max_lifetime`` the lifetime the issuer gave (``exp - iat``, or ``exp - now``
   without ``iat``) against the limit;
@@ -105,6 +107,8 @@ class Explanation:
     issuer: str | None = None  # the token's iss as read
     key: KeyInfo | None = None
     header: dict[str, Any] | None = None
+    typ: Any = None  # the header's typ as found (None: absent); RFC 7515 §4.1.9
+    allowed_typ: tuple[str, ...] | None = None  # the provider's typ list (None: not checked)
     claims: dict[str, Any] | None = None
     claims_verified: bool = False  # the signature verified: the claims are the issuer's
     now: float = 0.0
@@ -139,6 +143,8 @@ class Explanation:
             "issuer": self.issuer,
             "key": dataclasses.asdict(self.key) if self.key is not None else None,
             "header": self.header,
+            "typ": {"value": self.typ,
+                    "allowed": list(self.allowed_typ) if self.allowed_typ is not None else None},
             "claims": self.claims,
             "claims_verified": self.claims_verified,
             "time": {"now": self.now, "now_utc": _iso(self.now),
@@ -187,6 +193,12 @@ class Explanation:
                 lines.append(f"  lifetime:  exp - {self.lifetime_from} = {_span(self.lifetime)}"
                              f" (max_lifetime {_span(self.max_lifetime)})")
         if self.header is not None:
+            shown = _short(self.typ) if "typ" in self.header else "(none)"
+            if self.allowed_typ is not None:
+                shown += f" (allowed: {', '.join(self.allowed_typ)})"
+            else:
+                shown += " (not checked: the provider lists no typ)"
+            lines.append(f"  typ:       {shown}")
             lines.append("  header:    " + orjson.dumps(self.header).decode())
         if self.claims is not None:
             if self.ok or (self.claims_verified and self.reason in _POLICY_REASONS):
@@ -435,6 +447,8 @@ def _decide(config: GatewayConfig, rcfg: RouteConfig, auth: AuthConfig, rt: Any,
         "provider": provider.name if provider is not None else None,
         "issuer": result.issuer,
         "header": header,
+        "typ": header.get("typ") if header is not None else None,
+        "allowed_typ": provider.typ if provider is not None else None,
         "claims": claims,
         "claims_verified": signed,
         "times": times,
@@ -470,6 +484,8 @@ def _decide(config: GatewayConfig, rcfg: RouteConfig, auth: AuthConfig, rt: Any,
     if provider is not None and provider.key_source == "secret":
         used = "the provider's shared secret"
     checks = ["signature", "time window", "audience", "required claims"]
+    if provider is not None and provider.typ is not None:
+        checks.insert(1, "typ")
     if policy.scopes:
         checks.append("scopes")
     if policy.rules:
@@ -525,6 +541,8 @@ def _verifier_message(config: GatewayConfig, auth: AuthConfig, rt: Any, reason: 
             return "the token has no usable iss claim, so no provider can be selected"
         return (f"iss {_short(iss)} is not the issuer of any provider of this route "
                 f"({', '.join(f'{n}: {i}' for n, i in known.items())})")
+    if reason is Reason.TOKEN_TYPE_INVALID and provider is not None:
+        return _typ_message(provider, result.header)
     if reason is Reason.SIGNATURE_INVALID:
         kid = f"kid={result.kid}" if result.kid else "the key(s) fitting the alg"
         return f"the signature does not verify with {kid} ({result.alg})"
@@ -552,6 +570,24 @@ def _verifier_message(config: GatewayConfig, auth: AuthConfig, rt: Any, reason: 
     if reason is Reason.TOKEN_TOO_LARGE:
         return f"the token exceeds limits.max_token_bytes ({config.limits.max_token_bytes})"
     return f"{reason.label} ({result.detail})"
+
+
+def _typ_message(provider: ProviderConfig, header: Mapping[str, Any] | None) -> str:
+    """RFC 9068 §4: why the header typ does not fit the provider's ``typ`` list."""
+    allowed = ", ".join(provider.typ or ())
+    rule = (f"provider {provider.name} accepts typ {allowed} (case-insensitive, "
+            "'application/' optional)")
+    if header is None or "typ" not in header:
+        return (f"the token has no typ header; {rule}: an access token of an RFC 9068 issuer "
+                "carries one, so this is probably another kind of JWT (an ID token?) or the "
+                "IdP does not type its access tokens (docs/identity-providers.md)")
+    typ = header["typ"]
+    if not isinstance(typ, str):
+        return f"the header typ {_short(typ)} is not a string; {rule}"
+    hint = ""
+    if typ.lower() in ("jwt", "application/jwt"):
+        hint = ": a plain JWT such as an ID token, not an access token (RFC 9068 §2.1)"
+    return f"typ {_short(typ)} is not allowed; {rule}{hint}"
 
 
 def _segments_message(token: str) -> str:

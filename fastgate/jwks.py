@@ -517,9 +517,14 @@ class FileKeySource(_Base):
                 # Unchanged and last load good: the keys on disk are confirmed current.
                 self._last_success_mono = self._clock()
                 self._last_success_wall = self._wall()
-                self._metric_age()
-            return self._last_error is None
-        return self._reload() is None
+            ok = self._last_error is None
+        else:
+            ok = self._reload() is None
+        # Published on every check, failed ones too: fastgate_jwks_age_seconds of a file is the
+        # age of its last successful load (or of the last check that found it unchanged since),
+        # so it grows while the file is missing, unreadable or invalid, and an alert can see it.
+        self._metric_age()
+        return ok
 
     def _stat(self) -> _FileSig:
         st = os.stat(self.path)

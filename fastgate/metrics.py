@@ -126,7 +126,8 @@ _HELP: Final = {
     "jwks_fetches": "JWKS / discovery fetches, by provider and result.",
     "jwks_fetch_duration": "JWKS / discovery fetch time, by provider.",
     "jwks_keys": "Usable keys of the provider (the lowest over live workers).",
-    "jwks_age": "Seconds since the provider's keys were fetched (the oldest over live workers).",
+    "jwks_age": "Seconds since the provider's keys were last fetched, or loaded from (or found "
+                "unchanged in) its jwks_file (the oldest over live workers).",
     "inflight": "Requests in flight (summed over workers).",
     "build_info": "Always 1; labels tell the version and whether the compiled verifier runs.",
     "config_reloads": "Configuration reloads, by result.",

@@ -39,7 +39,7 @@ from urllib.parse import quote
 
 import orjson
 
-from fastgate.config import AuthConfig, ClaimPath, ClaimRule, ScopeRule
+from fastgate.config import AuthConfig, ClaimPath, ClaimRule, ClaimTemplate, ScopeRule
 from fastgate.reasons import Reason
 
 log = logging.getLogger("fastgate.policy")
@@ -153,6 +153,28 @@ def _encode_claim(value: Any) -> str | None:
     return None
 
 
+def render_template(template: ClaimTemplate, claims: Mapping[str, Any]) -> str | None:
+    """A combined claim header's value: each placeholder in the claim-header encoding (SPEC
+    §2), literal text as configured (validated at load: no control characters). None -- no
+    header -- when a claim is missing or cannot be emitted, or the result is too long."""
+    pieces: list[str] = []
+    for part in template:
+        if isinstance(part, str):
+            pieces.append(part)
+            continue
+        value = lookup(claims, part)
+        if value is _MISSING:
+            return None
+        encoded = encode_claim(value)
+        if encoded is None:
+            return None
+        pieces.append(encoded)
+    combined = "".join(pieces)
+    if len(combined) > MAX_CLAIM_HEADER_BYTES or not combined.isascii():
+        return None
+    return combined
+
+
 def payload_b64(claims: Mapping[str, Any]) -> str:
     """base64url (no padding) of the compact JSON of ``claims``."""
     return base64.urlsafe_b64encode(orjson.dumps(claims)).rstrip(b"=").decode("ascii")
@@ -162,7 +184,7 @@ class Policy:
     """One route's claim-level checks and header injection, compiled from ``AuthConfig``."""
 
     __slots__ = ("claim_headers", "has_checks", "payload_header", "rules", "scope_all",
-                 "scope_string", "scopes")
+                 "scope_string", "scopes", "templates")
 
     def __init__(self, auth: AuthConfig) -> None:
         rule: ScopeRule | None = auth.scopes
@@ -175,7 +197,11 @@ class Policy:
         )
         self.has_checks = bool(self.scopes or self.rules)
         self.claim_headers: tuple[tuple[str, ClaimPath], ...] = tuple(
-            (h.header, h.path) for h in auth.claim_headers
+            (h.header, h.path) for h in auth.claim_headers if h.template is None
+        )
+        # Combined headers ("{sub}@{tenant.id}"): compiled once at config load.
+        self.templates: tuple[tuple[str, ClaimTemplate], ...] = tuple(
+            (h.header, h.template) for h in auth.claim_headers if h.template is not None
         )
         self.payload_header: str | None = auth.payload_header
 
@@ -229,6 +255,10 @@ class Policy:
                     log.debug("claim header %s not emitted: unsafe or oversized value", name)
                 continue
             out.append((name, encoded))
+        for name, template in self.templates:
+            combined = render_template(template, claims)
+            if combined is not None:
+                out.append((name, combined))
         if self.payload_header is not None:
             try:
                 out.append((self.payload_header, payload_b64(claims)))
@@ -240,6 +270,7 @@ class Policy:
     def reserved_names(self) -> list[str]:
         """Header names this policy injects (inbound copies are always removed)."""
         names = [name for name, _ in self.claim_headers]
+        names.extend(name for name, _ in self.templates)
         if self.payload_header is not None:
             names.append(self.payload_header)
         return names

@@ -37,6 +37,8 @@ class Server:
         self.max_requests: int = config.limits.max_requests_per_connection
         self.max_header_bytes: int = config.limits.max_header_bytes
         self.trusted = tuple(config.trusted_proxies)
+        self.request_id: bool = config.tracing.request_id
+        self.create_traceparent: bool = config.tracing.traceparent == "create"
 
     def __call__(self) -> ClientProtocol:
         return ClientProtocol(self)

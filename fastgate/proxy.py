@@ -54,6 +54,9 @@ A_UPGRADE = 9
 A_AUTH = 10  # forwarded, and read by the auth layer (token, cookie, API key, CORS)
 A_TE = 11
 A_AUTH_DROP = 12  # read by the auth layer, never forwarded (the API-key header)
+A_REQUEST_ID = 13  # X-Request-Id: kept from trusted proxies, else replaced (fastgate.protocol)
+A_TRACEPARENT = 14  # W3C Trace Context: validated, then forwarded (or created)
+A_TRACESTATE = 15  # forwarded only with the client's valid traceparent (W3C §3.3)
 
 
 class KeySourceLike(Protocol):
@@ -108,11 +111,33 @@ class RouteRuntime:
     """Everything the handler needs for one route, compiled once (no dicts of options)."""
 
     __slots__ = (
-        "allow_missing", "api_key", "auth", "body_timeout", "claim_cache", "cors_bypass",
-        "extractor", "fast_header", "fast_prefix", "forward_token", "index", "issuer_set",
-        "key_sources", "max_token_chars", "mode_all", "name", "policy",
-        "policy_checks", "policy_headers", "pool", "rejects", "route", "upstream",
-        "upstream_index", "verifiers", "wires",
+        "allow_missing",
+        "api_key",
+        "auth",
+        "body_timeout",
+        "certificate_bound",
+        "claim_cache",
+        "cors_bypass",
+        "extractor",
+        "fast_header",
+        "fast_prefix",
+        "forward_token",
+        "index",
+        "issuer_set",
+        "key_sources",
+        "max_token_chars",
+        "mode_all",
+        "name",
+        "policy",
+        "policy_checks",
+        "policy_headers",
+        "pool",
+        "rejects",
+        "route",
+        "upstream",
+        "upstream_index",
+        "verifiers",
+        "wires",
     )
 
     def __init__(
@@ -133,6 +158,7 @@ class RouteRuntime:
         allow_missing: bool = False,
         forward_token: bool = True,
         cors_bypass: bool = False,
+        certificate_bound: bool = False,
     ) -> None:
         self.route = route
         self.index: int = route.index
@@ -157,6 +183,7 @@ class RouteRuntime:
         self.allow_missing = allow_missing
         self.forward_token = forward_token
         self.cors_bypass = cors_bypass
+        self.certificate_bound = certificate_bound
         # The compiled protocol's fast path for the common route: one header source with a
         # scheme prefix (Authorization: Bearer), mode any, no API key. It does what
         # authenticate_now does for that shape (the extractor's own fast path, then the
@@ -233,6 +260,9 @@ class Tables:
         actions[b"transfer-encoding"] = A_TE
         actions[b"expect"] = A_EXPECT
         actions[b"upgrade"] = A_UPGRADE
+        actions[b"x-request-id"] = A_REQUEST_ID
+        actions[b"traceparent"] = A_TRACEPARENT
+        actions[b"tracestate"] = A_TRACESTATE
         self.header_actions = actions
 
 

@@ -31,6 +31,11 @@ class Reason(IntEnum):
     API_KEY_INVALID = 16
     API_KEY_MISMATCH = 17
     JWKS_UNAVAILABLE = 18
+    #: RFC 9068 §4 / RFC 8725 §3.11: the JOSE ``typ`` is absent or not in the provider's list.
+    TOKEN_TYPE_INVALID = 19
+    #: RFC 8705 §3: a certificate-bound route, and the token's cnf["x5t#S256"] is not the
+    #: SHA-256 thumbprint of this connection's client certificate (or there is none).
+    CERTIFICATE_MISMATCH = 20
 
     @property
     def label(self) -> str:

@@ -79,6 +79,7 @@ from fastgate.admin import AdminServer
 from fastgate.app import Gateway, compile_tables
 from fastgate.config import Address, GatewayConfig, load_config
 from fastgate.errors import ConfigError
+from fastgate.logformat import LOG_FORMATS, formatter
 from fastgate.metrics import (
     Metrics,
     collect_multiprocess,
@@ -104,7 +105,7 @@ STABLE_AFTER: Final = 10.0
 READY_POLL: Final = 0.25
 """How often a worker checks its key sources' readiness (sent to the master on change)."""
 
-RESTART_ONLY: Final = ("listen", "admin", "workers", "access_log", "metrics")
+RESTART_ONLY: Final = ("listen", "admin", "workers", "access_log", "metrics", "log_format")
 """Config fields bound at start-up (sockets, processes, open files, the registry mode)."""
 
 # Run with ``-P`` (no working directory on sys.path: a source checkout's ./fastgate, which has
@@ -113,6 +114,7 @@ RESTART_ONLY: Final = ("listen", "admin", "workers", "access_log", "metrics")
 _WORKER_CODE: Final = ("import sys; sys.path.insert(0, sys.argv.pop(1)); "
                        "from fastgate.supervisor import worker_main; worker_main()")
 LOG_LEVEL_ENV: Final = "FASTGATE_LOG_LEVEL"
+LOG_FORMAT_ENV: Final = "FASTGATE_LOG_FORMAT"
 """Log level when ``--log-level`` is not given (debug, info, warning, error); default info."""
 LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 _SIGNAL_NAMES: Final = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
@@ -125,19 +127,26 @@ _SIGNAL_NAMES: Final = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 
 
 def run(config: GatewayConfig, *, workers: int | None = None,
-        log_level: str | None = None) -> int:
+        log_level: str | None = None, log_format: str | None = None) -> int:
     """Serve ``config`` until SIGTERM/SIGINT; the exit code (0 after a clean drain).
 
     ``workers`` (the ``--workers`` flag) overrides ``config.workers``; 0 = one per CPU.
     ``log_level`` (``--log-level``) overrides ``$FASTGATE_LOG_LEVEL``; workers get the same.
+    ``log_format`` (``--log-format``) overrides the config's ``log_format``; workers too.
     """
     try:
         level = resolve_log_level(log_level)
     except ValueError as exc:
         print(f"fastgate run: {exc}", file=sys.stderr)
         return 2
+    fmt = log_format if log_format is not None else config.log_format
+    if fmt not in LOG_FORMATS:
+        print(f"fastgate run: --log-format: expected one of {', '.join(LOG_FORMATS)}, "
+              f"got {fmt!r}", file=sys.stderr)
+        return 2
     os.environ[LOG_LEVEL_ENV] = level  # inherited by the workers (see _spawn)
-    _setup_logging("")
+    os.environ[LOG_FORMAT_ENV] = fmt
+    _setup_logging(None)
     log.debug("log level %s; fastgate from %s", level, Path(__file__).resolve().parent)
     # Until the loop's handler is installed, a SIGHUP must not kill the process (its default
     # action); it is ignored during start-up.
@@ -170,10 +179,12 @@ def resolve_log_level(name: str | None) -> str:
     return value
 
 
-def _setup_logging(role: str) -> None:
-    """Plain lines on stderr (a supervisor such as systemd or a container runtime adds time
-    and collects them); the process id and role tell the workers apart. The level comes from
-    ``$FASTGATE_LOG_LEVEL`` (set by :func:`run` from ``--log-level``)."""
+def _setup_logging(worker: int | None) -> None:
+    """Lines on stderr (a supervisor such as systemd or a container runtime collects them):
+    plain text where the process id and role tell the workers apart, or one JSON object per
+    line (fastgate/logformat.py). The level comes from ``$FASTGATE_LOG_LEVEL`` (set by
+    :func:`run` from ``--log-level``), the format from ``$FASTGATE_LOG_FORMAT`` (set by
+    :func:`run` from ``--log-format`` or the config's ``log_format``)."""
     root = logging.getLogger()
     if root.handlers:
         return  # embedded: the host application configured logging
@@ -181,10 +192,9 @@ def _setup_logging(role: str) -> None:
         level = resolve_log_level(None)
     except ValueError:
         level = "info"  # run() reported it already; a worker never fails over its log level
-    tag = f" {role}" if role else ""
+    fmt = os.environ.get(LOG_FORMAT_ENV, "text")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s fastgate[%(process)d]{tag} %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(formatter(fmt if fmt in LOG_FORMATS else "text", worker))
     root.addHandler(handler)
     root.setLevel(level.upper())
 
@@ -882,7 +892,7 @@ def worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     index, fd = int(sys.argv[1]), int(sys.argv[2])
-    _setup_logging(f"worker {index}")
+    _setup_logging(index)
     log.debug("log level %s; fastgate from %s", os.environ.get(LOG_LEVEL_ENV, "info"),
               Path(__file__).resolve().parent)
     conn = Connection(fd)

@@ -22,7 +22,7 @@ from fastgate.reasons import Reason
 FIELDS = {
     "time", "worker", "route", "method", "path", "status", "reason",
     "latency_s", "upstream_latency_s", "upstream_status", "client", "bytes_in", "bytes_out",
-    "user_agent",
+    "user_agent", "request_id", "trace_id",
 }  # fmt: skip
 TOKEN = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJl"
 API_KEY = "sk_live_51Habcdefghijklmnop"
@@ -70,7 +70,7 @@ def test_one_line_per_request_with_the_fields() -> None:
         "latency_s": 0.001235,
         "upstream_latency_s": 0.000988,
         "upstream_status": None, "client": None, "bytes_in": None, "bytes_out": None,
-        "user_agent": None,
+        "user_agent": None, "request_id": None, "trace_id": None,
     }
     assert first["time"] == "2027-01-15T08:00:00.123Z"
     assert set(second) == FIELDS
@@ -350,3 +350,7 @@ def test_adapter_logs_a_real_request_without_its_secrets() -> None:
     assert (not_found["status"], not_found["upstream_status"], not_found["route"]) == \
         (404, None, None)
     assert not_found["bytes_out"] > 0 and not_found["worker"] == 5
+    # Each request got its own generated X-Request-Id (the client sent none).
+    assert admitted["request_id"] and not_found["request_id"]
+    assert admitted["request_id"] != not_found["request_id"]
+    assert admitted["trace_id"] is None  # tracing.traceparent: pass, and none was sent

@@ -42,7 +42,7 @@ def fastgate(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
 def test_check_valid_config_exits_0() -> None:
     p = fastgate("check", "-c", str(CONFIGS / "minimal.yaml"))
     assert p.returncode == 0, p.stderr
-    assert "OK (1 routes, 0 providers, 1 upstreams)" in p.stdout
+    assert "OK (1 route, 0 providers, 1 upstream)" in p.stdout
     assert p.stderr == ""
 
 
@@ -184,7 +184,7 @@ def test_token_usage_errors(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     p = fastgate("token", "--key", key, "--claims", "[1, 2]")
     assert p.returncode == 2 and "JSON object" in p.stderr
     p = fastgate("token", "--key", key, "--exp", "soon")
-    assert p.returncode == 1 and "--exp" in p.stderr
+    assert p.returncode == 2 and "--exp" in p.stderr
     garbage = tmp_path / "garbage.key"
     garbage.write_text("hello")
     p = fastgate("token", "--key", str(garbage))
@@ -338,3 +338,94 @@ def test_workers_import_what_the_master_runs_not_the_working_directory(tmp_path:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+# -- check: summary, shadowed routes; --version; token argument order -------------------------
+
+
+def test_check_summary_counts_in_the_right_number(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "upstreams: {a: {url: 'http://127.0.0.1:1'}, b: {url: 'http://127.0.0.1:2'}}\n"
+        f"providers: {{p: {{issuer: '{ISS}', jwks: {{keys: []}}}}}}\n"
+        "routes:\n"
+        "  - {name: one, match: {path_prefix: /one/}, upstream: a, auth: none}\n"
+        "  - {name: two, match: {path_prefix: /two/}, upstream: b, auth: none}\n")
+    p = fastgate("check", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == f"{cfg}: OK (2 routes, 1 provider, 2 upstreams)"
+    assert p.stderr == ""  # distinct prefixes: nothing shadowed
+
+
+def test_check_warns_about_shadowed_routes(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "upstreams: {app: {url: 'http://127.0.0.1:1'}}\n"
+        "routes:\n"
+        "  - {name: api, match: {path_prefix: /api/, methods: [GET, POST]}, upstream: app,"
+        " auth: none}\n"
+        "  - {name: orders, match: {path_prefix: /api/orders, methods: [GET]}, upstream: app,"
+        " auth: none}\n"                                           # shadowed by api
+        "  - {name: writes, match: {path_prefix: /api/orders, methods: [DELETE]}, upstream: app,"
+        " auth: none}\n"                                           # DELETE: not shadowed
+        "  - {name: hosted, match: {path_prefix: /api/, host: a.example}, upstream: app,"
+        " auth: none}\n"                                           # any method: not shadowed
+        "  - {name: all, match: {path_prefix: /}, upstream: app, auth: none}\n"
+        "  - {name: health, match: {path: /healthz}, upstream: app, auth: none}\n"  # shadowed
+        "  - {name: v1, match: {path_regex: '/v1/.*'}, upstream: app, auth: none}\n")  # too
+    p = fastgate("check", "-c", str(cfg))
+    assert p.returncode == 0, p.stderr  # a warning, not an error
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 3, p.stderr
+    assert warnings[0].startswith("warning: routes[1] (orders) is never used: routes[0] (api)")
+    assert warnings[1].startswith("warning: routes[5] (health) is never used: routes[4] (all)")
+    assert warnings[2].startswith("warning: routes[6] (v1) is never used: routes[4] (all)")
+    assert "OK (7 routes, 0 providers, 1 upstream)" in p.stdout
+
+
+def test_check_warns_about_the_same_match_twice(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        "upstreams: {app: {url: 'http://127.0.0.1:1'}}\n"
+        "routes:\n"
+        "  - {name: a, match: {path_regex: '/x/.*', methods: [get]}, upstream: app, auth: none}\n"
+        "  - {name: b, match: {path_regex: '/x/.*', methods: [GET]}, upstream: app, auth: none}\n"
+        "  - {name: c, match: {path_regex: '/x/[0-9]+'}, upstream: app, auth: none}\n")
+    p = fastgate("check", "-c", str(cfg))
+    warnings = [line for line in p.stderr.splitlines() if line.startswith("warning: ")]
+    assert [w.split(":")[1].strip() for w in warnings] == ["routes[1] (b) is never used"]
+
+
+def test_version_prints_version_and_build_info() -> None:
+    import platform
+
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    import fastgate as package
+
+    p = fastgate("--version")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == f"fastgate {package.__version__}"
+    text = p.stdout
+    for ext in ("_verify", "_http", "_routes"):
+        assert ext in text
+    assert "MISSING" not in text
+    assert backend.openssl_version_text() in text
+    assert platform.python_version() in text
+
+
+def test_token_checks_every_argument_before_printing_anything(tmp_path: Path) -> None:
+    # Without --key a throw-away key's JWK is printed; a bad argument must come first.
+    for args in (["--exp", "soon"], ["--claims", "{not json"], ["--claims", "[1]"],
+                 ["novalue"], ["--alg", "XX999"]):
+        p = fastgate("token", "--iss", ISS, *args)
+        assert p.returncode in (1, 2), args
+        assert p.stdout == "", args
+        assert len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+        assert "JWK" not in p.stderr and "Traceback" not in p.stderr, args
+
+
+def test_run_log_format_is_checked() -> None:
+    p = fastgate("run", "-c", str(CONFIGS / "minimal.yaml"), "--log-format", "xml")
+    assert p.returncode == 2 and "--log-format" in p.stderr and "Traceback" not in p.stderr

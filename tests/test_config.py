@@ -552,7 +552,7 @@ listen: 0.0.0.0:80800
 admin: 0.0.0.0:8080
 workers: -2
 upstreams:
-  orders: {url: "https://orders.internal:9000", read_timeout: 0}
+  orders: {url: "ftp://orders.internal:9000", read_timeout: 0}
 providers:
   okta:
     issuer: https://dev-123.okta.com/oauth2/default
@@ -581,7 +581,8 @@ routes:
 BROKEN_ERRORS = [
     "listen: port 80800 is out of range 0-65535",
     "workers: must be at least 0",
-    "upstreams.orders.url: https upstreams are not supported",
+    "upstreams.orders.url: must be http://host:port[/path] or https://host:port[/path], got "
+    "'ftp://orders.internal:9000'",
     "upstreams.orders.read_timeout: must be greater than 0",
     "providers.okta.audience: unknown key 'audience' (did you mean 'audiences'?)",
     "providers.okta: exactly one key source is required (discovery: true, jwks_uri, jwks_file, "
@@ -673,8 +674,8 @@ RULES: list[tuple[str, list[Edit], str, str]] = [
     ("upstreams-empty", [(("upstreams",), {})], "upstreams", "at least one upstream"),
     ("upstream-no-url", [(("upstreams", "app", "url"), DELETE)], "upstreams.app.url",
      "required key is missing"),
-    ("upstream-https", [(("upstreams", "app", "url"), "https://a:1")], "upstreams.app.url",
-     "https upstreams are not supported"),
+    ("upstream-tls-on-http", [(("upstreams", "app", "tls"), {"verify": True})],
+     "upstreams.app.tls", "is only for https:// upstream URLs"),
     ("upstream-scheme", [(("upstreams", "app", "url"), "ftp://a:1")], "upstreams.app.url",
      "must be http://host:port[/path]"),
     ("upstream-no-host", [(("upstreams", "app", "url"), "http:///x")], "upstreams.app.url",
@@ -1165,7 +1166,351 @@ def test_check_reads_stdin_and_names_it(tmp_path: Path) -> None:
     p = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", "-"], input=good,
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert p.stdout == "<stdin>: OK (1 routes, 0 providers, 1 upstreams)\n"
+    assert p.stdout == "<stdin>: OK (1 route, 0 providers, 1 upstream)\n"
     p = subprocess.run([sys.executable, "-m", "fastgate", "check", "-c", "-"], input=b"\xff",
                        capture_output=True, timeout=60, cwd=tmp_path)
     assert p.returncode == 1 and b"<stdin>: not UTF-8" in p.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# tls (listener), upstreams.*.tls, timeouts.handshake — files are read at load
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Self-signed PEM files made with cryptography: good pairs and the broken shapes."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+    from cryptography.x509.oid import NameOID
+
+    root = tmp_path_factory.mktemp("pem")
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert_for(key: Any, names: list[str], sign_key: Any = None) -> bytes:
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
+                .not_valid_after(now + datetime.timedelta(days=1))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]),
+                               critical=False)
+                .sign(sign_key or key, None if isinstance(key, ed25519.Ed25519PrivateKey)
+                      else hashes.SHA256()))
+        return cert.public_bytes(serialization.Encoding.PEM)
+
+    def key_pem(key: Any, password: bytes | None = None) -> bytes:
+        enc = serialization.BestAvailableEncryption(password) if password else \
+            serialization.NoEncryption()
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.PKCS8, enc)
+
+    ec_key, ec_other = ec.generate_private_key(ec.SECP256R1()), \
+        ec.generate_private_key(ec.SECP256R1())
+    rsa_key = rsa.generate_private_key(65537, 2048)
+    small = rsa.generate_private_key(65537, 1024)
+    ed = ed25519.Ed25519PrivateKey.generate()
+    files = {
+        "ec.crt": cert_for(ec_key, ["api.example.com", "www.example.com"]),
+        "ec.key": key_pem(ec_key),
+        "rsa.crt": cert_for(rsa_key, ["partner.example.com"]),
+        "rsa.key": key_pem(rsa_key),
+        "other.key": key_pem(ec_other),
+        "encrypted.key": key_pem(ec_key, b"secret"),
+        "small.crt": cert_for(small, ["small.example.com"]),
+        "small.key": key_pem(small),
+        "ed.crt": cert_for(ed, ["ed.example.com"]),
+        "ed.key": key_pem(ed),
+        "garbage.pem": b"hello\n",
+    }
+    out: dict[str, Path] = {}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+        out[name] = root / name
+    return out
+
+
+def with_tls(tls: Any = None, upstream_tls: Any = None, url: str = "http://127.0.0.1:9000",
+             **top: Any) -> dict[str, Any]:
+    data = base()
+    if tls is not None:
+        data["tls"] = tls
+    data["upstreams"]["app"]["url"] = url
+    if upstream_tls is not None:
+        data["upstreams"]["app"]["tls"] = upstream_tls
+    data.update(top)
+    return data
+
+
+def test_tls_listener_parses_with_defaults_and_relative_paths(pem: dict[str, Path]) -> None:
+    from fastgate.config import TlsCertificate, TlsConfig
+
+    source = str(pem["ec.crt"].parent / "gateway.yaml")
+    config = parse_config(with_tls({"certificates": [
+        {"cert": "ec.crt", "key": "ec.key"},
+        {"cert": str(pem["rsa.crt"]), "key": str(pem["rsa.key"]),
+         "server_names": ["Partner.Example.com", "*.partners.example.com"]},
+    ]}), {}, source)
+    d = str(pem["ec.crt"].parent)
+    assert config.tls == TlsConfig(certificates=(
+        TlsCertificate(f"{d}/ec.crt", f"{d}/ec.key"),
+        TlsCertificate(str(pem["rsa.crt"]), str(pem["rsa.key"]),
+                       ("partner.example.com", "*.partners.example.com")),
+    ), min_version="1.2", client_ca=None, client_auth="none")
+    assert config.timeouts.handshake == 10.0
+    assert only(base()).tls is None  # omitted: plain HTTP
+
+
+@pytest.mark.parametrize(("raw", "parsed"), [("1.3", "1.3"), (1.3, "1.3"), (1.2, "1.2")])
+def test_tls_min_version_string_or_yaml_number(pem: dict[str, Path], raw: Any,
+                                               parsed: str) -> None:
+    config = only(with_tls({"certificates": [{"cert": str(pem["ec.crt"]),
+                                              "key": str(pem["ec.key"])}],
+                            "min_version": raw, "client_ca": str(pem["ec.crt"]),
+                            "client_auth": "required"},
+                           timeouts={"handshake": "1500ms"}))
+    assert config.tls is not None and config.tls.min_version == parsed
+    assert config.tls.client_auth == "required" and config.tls.client_ca == str(pem["ec.crt"])
+    assert config.timeouts.handshake == 1.5
+
+
+def _pair(pem: dict[str, Path], cert: str, key: str) -> dict[str, Any]:
+    return {"certificates": [{"cert": str(pem[cert]), "key": str(pem[key])}]}
+
+
+TLS_RULES: list[tuple[str, Any, str, str]] = [
+    # (id, tls section (callable of pem or literal), exact path, message fragment)
+    ("not-mapping", ["x"], "tls", "must be a mapping, got list"),
+    ("no-certificates", {}, "tls.certificates", "required key is missing"),
+    ("empty-certificates", {"certificates": []}, "tls.certificates", "must not be empty"),
+    ("certificates-not-list", {"certificates": "a.crt"}, "tls.certificates",
+     "must be a list of {cert, key[, server_names]}, got string"),
+    ("unknown-key", lambda p: {**_pair(p, "ec.crt", "ec.key"), "ciphers": "ALL"},
+     "tls.ciphers", "unknown key 'ciphers'"),
+    ("no-key", lambda p: {"certificates": [{"cert": str(p["ec.crt"])}]},
+     "tls.certificates[0].key", "required key is missing"),
+    ("missing-file", lambda p: {"certificates": [{"cert": str(p["ec.crt"]) + ".nope",
+                                                  "key": str(p["ec.key"])}]},
+     "tls.certificates[0].cert", "cannot read"),
+    ("not-pem-cert", lambda p: _pair(p, "garbage.pem", "ec.key"), "tls.certificates[0].cert",
+     "holds no PEM certificate"),
+    ("not-pem-key", lambda p: _pair(p, "ec.crt", "garbage.pem"), "tls.certificates[0].key",
+     "holds no PEM private key"),
+    ("mismatched-key", lambda p: _pair(p, "ec.crt", "other.key"), "tls.certificates[0].key",
+     "does not match the certificate"),
+    ("encrypted-key", lambda p: _pair(p, "ec.crt", "encrypted.key"),
+     "tls.certificates[0].key", "is an encrypted key"),
+    ("small-rsa", lambda p: _pair(p, "small.crt", "small.key"), "tls.certificates[0].key",
+     "RSA key of 1024 bits; at least 2048"),
+    ("ed25519", lambda p: _pair(p, "ed.crt", "ed.key"), "tls.certificates[0].key",
+     "use RSA or ECDSA"),
+    ("ip-server-name", lambda p: {"certificates": [{"cert": str(p["ec.crt"]),
+                                                    "key": str(p["ec.key"]),
+                                                    "server_names": ["10.0.0.1"]}]},
+     "tls.certificates[0].server_names[0]", "invalid server name '10.0.0.1'"),
+    ("duplicate-server-name", lambda p: {"certificates": [
+        {"cert": str(p["ec.crt"]), "key": str(p["ec.key"]), "server_names": ["a.example"]},
+        {"cert": str(p["rsa.crt"]), "key": str(p["rsa.key"]), "server_names": ["A.example"]}]},
+     "tls.certificates[1].server_names[0]",
+     "server name 'a.example' is already served by tls.certificates[0]"),
+    ("min-version", lambda p: {**_pair(p, "ec.crt", "ec.key"), "min_version": "1.1"},
+     "tls.min_version", "must be one of 1.2, 1.3, got '1.1'"),
+    ("client-auth-typo", lambda p: {**_pair(p, "ec.crt", "ec.key"),
+                                    "client_auth": "requierd", "client_ca": str(p["ec.crt"])},
+     "tls.client_auth", "(did you mean 'required'?)"),
+    ("client-auth-no-ca", lambda p: {**_pair(p, "ec.crt", "ec.key"),
+                                     "client_auth": "optional"},
+     "tls.client_ca", "required key is missing (client_auth: optional verifies"),
+    ("client-ca-not-pem", lambda p: {**_pair(p, "ec.crt", "ec.key"), "client_auth": "required",
+                                     "client_ca": str(p["garbage.pem"])},
+     "tls.client_ca", "holds no PEM certificate"),
+]
+
+
+@pytest.mark.parametrize(("section", "path", "fragment"),
+                         [pytest.param(s, p, f, id=i) for i, s, p, f in TLS_RULES])
+def test_tls_rules_report_their_exact_path(pem: dict[str, Path], section: Any, path: str,
+                                           fragment: str) -> None:
+    tls = section(pem) if callable(section) else section
+    errors = errors_of(with_tls(tls))
+    hits = [e for e in errors if e.startswith(f"{path}: ") and fragment in e]
+    assert hits, f"no '{path}: ...{fragment}...' in:\n" + "\n".join(errors)
+
+
+def test_tls_file_errors_name_the_file(pem: dict[str, Path]) -> None:
+    errors = errors_of(with_tls(_pair(pem, "ec.crt", "other.key")))
+    assert errors == [f"tls.certificates[0].key: '{pem['other.key']}' does not match the "
+                      f"certificate '{pem['ec.crt']}' (the first certificate of the file must "
+                      "be the key's)"]
+
+
+def test_handshake_timeout_must_be_positive() -> None:
+    errors = errors_of(edited((("timeouts", "handshake"), 0)))
+    assert errors == ["timeouts.handshake: must be greater than 0"]
+
+
+def test_https_upstream_urls_and_tls(pem: dict[str, Path]) -> None:
+    from fastgate.config import UpstreamTlsConfig
+
+    config = only(with_tls(url="https://Billing.internal/v1/"))
+    assert config.upstreams["app"].url == "https://billing.internal:443/v1"
+    assert config.upstreams["app"].tls is None  # verified against the system store
+    config = only(with_tls(url="https://10.0.3.7:8443", upstream_tls={
+        "ca_file": str(pem["ec.crt"]), "server_name": "Billing.Internal",
+        "cert": str(pem["rsa.crt"]), "key": str(pem["rsa.key"]), "verify": True}))
+    assert config.upstreams["app"].tls == UpstreamTlsConfig(
+        ca_file=str(pem["ec.crt"]), server_name="billing.internal", cert=str(pem["rsa.crt"]),
+        key=str(pem["rsa.key"]), verify=True)
+    assert only(with_tls(url="https://a.internal", upstream_tls={"verify": False})) \
+        .upstreams["app"].tls == UpstreamTlsConfig(verify=False)
+
+
+UPSTREAM_TLS_RULES: list[tuple[str, Any, str, str]] = [
+    ("on-http", lambda p: ("http://127.0.0.1:9000", {"verify": True}), "upstreams.app.tls",
+     "is only for https:// upstream URLs"),
+    ("unknown-key", lambda p: ("https://a.internal", {"verify_depth": 3}),
+     "upstreams.app.tls.verify_depth", "unknown key 'verify_depth'"),
+    ("cert-without-key", lambda p: ("https://a.internal", {"cert": str(p["ec.crt"])}),
+     "upstreams.app.tls.key", "required key is missing (a client certificate needs both"),
+    ("key-without-cert", lambda p: ("https://a.internal", {"key": str(p["ec.key"])}),
+     "upstreams.app.tls.cert", "required key is missing"),
+    ("mismatch", lambda p: ("https://a.internal", {"cert": str(p["ec.crt"]),
+                                                   "key": str(p["other.key"])}),
+     "upstreams.app.tls.key", "does not match the certificate"),
+    ("ca-missing", lambda p: ("https://a.internal", {"ca_file": "/nonexistent/ca.pem"}),
+     "upstreams.app.tls.ca_file", "cannot read '/nonexistent/ca.pem'"),
+    ("ca-not-pem", lambda p: ("https://a.internal", {"ca_file": str(p["garbage.pem"])}),
+     "upstreams.app.tls.ca_file", "holds no PEM certificate"),
+    ("server-name-ip", lambda p: ("https://a.internal", {"server_name": "10.1.1.1"}),
+     "upstreams.app.tls.server_name", "invalid server name '10.1.1.1'"),
+    ("server-name-wildcard", lambda p: ("https://a.internal", {"server_name": "*.internal"}),
+     "upstreams.app.tls.server_name", "invalid server name"),
+    ("verify-not-bool", lambda p: ("https://a.internal", {"verify": "no"}),
+     "upstreams.app.tls.verify", "must be true or false, got string"),
+    ("scheme", lambda p: ("wss://a.internal", None), "upstreams.app.url",
+     "must be http://host:port[/path] or https://host:port[/path]"),
+]
+
+
+@pytest.mark.parametrize(("make", "path", "fragment"),
+                         [pytest.param(m, p, f, id=i) for i, m, p, f in UPSTREAM_TLS_RULES])
+def test_upstream_tls_rules_report_their_exact_path(pem: dict[str, Path], make: Any, path: str,
+                                                    fragment: str) -> None:
+    url, section = make(pem)
+    errors = errors_of(with_tls(url=url, upstream_tls=section))
+    hits = [e for e in errors if e.startswith(f"{path}: ") and fragment in e]
+    assert hits, f"no '{path}: ...{fragment}...' in:\n" + "\n".join(errors)
+
+
+def test_tls_errors_are_all_reported_at_once_with_positions(pem: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    path = write(tmp_path / "tls.yaml", f"""\
+tls:
+  certificates:
+    - {{cert: {pem['garbage.pem']}, key: {pem['ec.key']}}}
+  min_version: "1.0"
+upstreams:
+  app: {{url: "https://a.internal", tls: {{ca_file: missing.pem}}}}
+routes: [{{name: r, match: {{path: /}}, upstream: app, auth: none}}]
+""")
+    errors = load_errors(path)
+    assert [e.split(": ", 2)[1] for e in errors] == [
+        "tls.certificates[0].cert", "tls.min_version", "upstreams.app.tls.ca_file"]
+    assert errors[0].startswith(f"{path}:3:")
+    assert f"'{tmp_path / 'missing.pem'}'" in errors[2]  # relative to the config file
+
+
+# ---------------------------------------------------------------------------------------------
+# providers.*.typ (RFC 9068 §4)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_provider_typ_parsed_and_defaults_to_unchecked() -> None:
+    assert parse_config(base()).providers["okta"].typ is None
+    data = base()
+    data["providers"]["okta"]["typ"] = ["at+jwt", "application/okta-internal-at+jwt"]
+    okta = parse_config(data).providers["okta"]
+    assert okta.typ == ("at+jwt", "application/okta-internal-at+jwt")  # as written
+
+
+def test_provider_typ_reaches_the_verifier() -> None:
+    from fastgate._verify import TokenCache
+    from fastgate.app import build_verifier
+
+    data = base()
+    data["providers"]["okta"]["typ"] = ["AT+JWT"]
+    verifier = build_verifier(parse_config(data).providers["okta"], TokenCache(0), 8192)
+    assert verifier.typ == frozenset({"application/at+jwt"})
+
+
+@pytest.mark.parametrize(("value", "path", "fragment"), [
+    ("at+jwt", "providers.okta.typ", "must be a list, got string"),
+    ([], "providers.okta.typ", "must not be empty"),
+    ([""], "providers.okta.typ[0]", "must not be empty"),
+    (["at+jwt", 3], "providers.okta.typ[1]", "must be a string, got integer"),
+    (["at jwt"], "providers.okta.typ[0]", "invalid typ 'at jwt': a media type"),
+    (["a/b/c"], "providers.okta.typ[0]", "invalid typ 'a/b/c'"),
+    (["/jwt"], "providers.okta.typ[0]", "invalid typ '/jwt'"),
+    (["at+jwt;q=1"], "providers.okta.typ[0]", "invalid typ"),
+    (["at+jwt", "at+jwt"], "providers.okta.typ[1]", "duplicate typ 'at+jwt'"),
+    (["at+jwt", "Application/AT+JWT"], "providers.okta.typ[1]",
+     "duplicate typ 'Application/AT+JWT' (the same type as 'at+jwt'"),
+])
+def test_provider_typ_errors_have_paths(value: Any, path: str, fragment: str) -> None:
+    data = base()
+    data["providers"]["okta"]["typ"] = value
+    data["providers"]["okta"]["clock_skew"] = "1h"  # a second error: all are reported at once
+    errors = errors_of(data)
+    hits = [e for e in errors if e.startswith(f"{path}: ") and fragment in e]
+    assert hits, f"no '{path}: ...{fragment}...' in:\n" + "\n".join(errors)
+    assert any(e.startswith("providers.okta.clock_skew: ") for e in errors)
+
+
+def test_provider_typ_typo_in_key_name() -> None:
+    data = base()
+    data["providers"]["okta"]["type"] = ["at+jwt"]
+    assert errors_of(data) == ["providers.okta.type: unknown key 'type' (did you mean 'typ'?)"]
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("{sub", "unterminated placeholder"),
+    ("a}b", "unmatched '}'"),
+    ("{}", "empty segment"),
+    ("{sub}\u00e9", "non-ASCII"),
+])
+def test_claim_header_template_errors_name_the_path(value: str, message: str) -> None:
+    from fastgate.config import parse_config
+
+    raw = {
+        "upstreams": {"u": {"url": "http://127.0.0.1:1"}},
+        "providers": {"p": {"issuer": "https://idp.example.test/", "secret": "k" * 32}},
+        "routes": [{"name": "r", "match": {"path_prefix": "/"}, "upstream": "u",
+                    "auth": {"providers": ["p"], "claim_headers": {"X-Identity": value}}}],
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw, {})
+    (error,) = info.value.errors
+    assert error.startswith("routes[0].auth.claim_headers.X-Identity: invalid claim template")
+    assert message in error
+
+
+def test_claim_header_template_parsed() -> None:
+    from fastgate.config import ClaimHeader, parse_config
+
+    raw = {
+        "upstreams": {"u": {"url": "http://127.0.0.1:1"}},
+        "providers": {"p": {"issuer": "https://idp.example.test/", "secret": "k" * 32}},
+        "routes": [{"name": "r", "match": {"path_prefix": "/"}, "upstream": "u",
+                    "auth": {"providers": ["p"],
+                             "claim_headers": {"X-Identity": "{sub}@{tenant.id}",
+                                               "X-User-Id": "sub"}}}],
+    }
+    auth = parse_config(raw, {}).routes[0].auth
+    assert auth is not None
+    assert auth.claim_headers == (
+        ClaimHeader("X-Identity", (), (("sub",), "@", ("tenant", "id"))),
+        ClaimHeader("X-User-Id", ("sub",)),
+    )

@@ -12,6 +12,7 @@ import json
 import os
 import select
 import shlex
+import signal
 import socket
 import stat
 import subprocess
@@ -222,3 +223,70 @@ def test_demo_text_output_and_busy_port_fallback(tmp_path: Path) -> None:
     assert "403 insufficient_scope" in out and "401 token_expired" in out
     assert "Stops by itself after 0.5s" in " ".join(out.split())
     assert os.path.exists(config)
+
+
+# -- the temporary folder (it holds the issuer's private key) and bad arguments ---------------
+
+
+def _temp_demo(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """A demo without --dir, its TMPDIR pointed at ``tmp_path``: its folder is findable."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "fastgate", "demo", "--json", "--port", "0",
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    info = json.loads(read_line(proc))
+    return proc, info
+
+
+def test_demo_removes_its_temporary_folder_after_duration(tmp_path: Path) -> None:
+    proc, info = _temp_demo(tmp_path, "--duration", "0.3")
+    try:
+        workdir = Path(info["workdir"])
+        assert workdir.parent == tmp_path and info["workdir_removed_on_stop"] is True
+        assert Path(info["key_path"]).parent == workdir
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert not workdir.exists(), "the private key was left behind"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_removes_its_temporary_folder_on_ctrl_c(tmp_path: Path) -> None:
+    proc, info = _temp_demo(tmp_path)
+    try:
+        key = Path(info["key_path"])
+        assert key.exists()
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not key.parent.exists()
+
+
+def test_demo_keeps_a_dir_it_was_given(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "fastgate", "demo", "--json", "--port", "0",
+                        "--duration", "0.2", "--dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.splitlines()[0])["workdir_removed_on_stop"] is False
+    assert (tmp_path / "issuer-key.pem").exists()
+
+
+def test_demo_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
+    for args in (["--port", "99999"], ["--port", "-1"], ["--port", "abc"],
+                 ["--admin-port", "70000"],
+                 ["--duration", "0"], ["--duration", "nan"], ["--duration", "inf"],
+                 ["--dir", str(Path(__file__))]):
+        p = subprocess.run([sys.executable, "-m", "fastgate", "demo", "--port", "0", *args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "TMPDIR": str(tmp_path)})
+        assert p.returncode in (1, 2), (args, p.stderr)
+        assert "Traceback" not in p.stderr, args
+        assert len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
+        assert p.stdout == "", args
+    assert list(tmp_path.iterdir()) == []  # nothing was started, nothing left behind

@@ -10,7 +10,10 @@ still name every config key, metric and catalog id.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +34,11 @@ from fastgate.config import (
     ProviderConfig,
     RouteConfig,
     RouteMatch,
+    Timeouts,
+    TlsCertificate,
+    TlsConfig,
     UpstreamConfig,
+    UpstreamTlsConfig,
     load_config,
     parse_config,
 )
@@ -61,8 +68,6 @@ OPTIONAL_KINDS: dict[str, list[tuple[str, str]]] = {
         ("kustomize.config.k8s.io/v1alpha1", "Component")],
     "components/servicemonitor/servicemonitor.yaml": [
         ("v1", "Service"), ("monitoring.coreos.com/v1", "ServiceMonitor")],
-    "overlays/prometheus-operator/kustomization.yaml": [
-        ("kustomize.config.k8s.io/v1beta1", "Kustomization")],
     "examples/ingress-tls.yaml": [("networking.k8s.io/v1", "Ingress")],
     "examples/gateway-api.yaml": [("gateway.networking.k8s.io/v1", "Gateway"),
                                   ("gateway.networking.k8s.io/v1", "HTTPRoute")],
@@ -70,6 +75,7 @@ OPTIONAL_KINDS: dict[str, list[tuple[str, str]]] = {
                               ("v1", "Service")],
 }
 SERVICEMONITOR = "components/servicemonitor/servicemonitor.yaml"
+OVERLAY = ROOT / "deploy" / "kubernetes-prometheus-operator"
 
 # Values for the ${NAME} references of deploy/examples/gateway.yaml (each must pass the
 # loader's checks: a URL, an HS256 secret of >= 32 bytes, a SHA-256 hex digest).
@@ -204,7 +210,8 @@ def config_keys() -> set[str]:
     keys: set[str] = set()
     for cls in (GatewayConfig, Limits, CacheConfig, UpstreamConfig, JwksCacheConfig,
                 ProviderConfig, ApiKeysConfig, ApiKey, RouteConfig, RouteMatch, AuthConfig,
-                ApiKeyRule, AccessLogConfig):
+                ApiKeyRule, AccessLogConfig, Timeouts, TlsConfig, TlsCertificate,
+                UpstreamTlsConfig):
         keys |= {f.name for f in fields(cls)}
     keys -= {"source", "name", "key_source"}  # not keys (the name is the mapping key)
     keys |= {"name"}  # routes[].name is a key
@@ -252,11 +259,15 @@ def test_servicemonitor_is_an_optional_component_used_by_the_overlay() -> None:
                if op["op"] == "remove" and op["path"].startswith(prefix)}
     assert len(removed) == len(ops)
     assert removed == {k for k in annotations if k.startswith("prometheus.io/")}
-    overlay = only("overlays/prometheus-operator/kustomization.yaml", "Kustomization")
-    base = (K8S / "overlays/prometheus-operator" / overlay["resources"][0]).resolve()
-    assert overlay["resources"] == ["../.."] and base == K8S.resolve()
+    # Beside the base, not inside it (kustomize refuses an overlay below its own base).
+    with open(OVERLAY / "kustomization.yaml", encoding="utf-8") as f:
+        (overlay,) = [d for d in yaml.safe_load_all(f) if d]
+    assert overlay["kind"] == "Kustomization"
+    assert not OVERLAY.resolve().is_relative_to(K8S.resolve())
+    base = (OVERLAY / overlay["resources"][0]).resolve()
+    assert overlay["resources"] == ["../kubernetes"] and base == K8S.resolve()
     (comp,) = overlay["components"]
-    assert (K8S / "overlays/prometheus-operator" / comp / "kustomization.yaml").resolve() == (
+    assert (OVERLAY / comp / "kustomization.yaml").resolve() == (
         K8S / "components/servicemonitor/kustomization.yaml").resolve()
 
 
@@ -467,10 +478,70 @@ def test_hpa_and_pdb_target_the_deployment() -> None:
 # -- Dockerfile ---------------------------------------------------------------------------------
 
 
+def docker_arg_defaults() -> dict[str, str]:
+    return dict(a.split("=", 1) for a in docker("ARG") if "=" in a)
+
+
+def _docker_value(word: str) -> str:
+    """``${NAME}`` of an ARG resolved to its default."""
+    return re.sub(r"\$\{(\w+)\}", lambda m: docker_arg_defaults()[m.group(1)], word)
+
+
 def test_dockerfile_exposes_listen_and_admin(k8s_config: GatewayConfig) -> None:
     assert k8s_config.admin is not None
-    exposed = {int(p.split("/")[0]) for args in docker("EXPOSE") for p in args.split()}
+    exposed = {int(_docker_value(p).split("/")[0]) for args in docker("EXPOSE")
+               for p in args.split()}
     assert exposed == {k8s_config.listen.port, k8s_config.admin.port}
+
+
+def test_dockerfile_healthcheck_follows_the_admin_port_variable(tmp_path: Path) -> None:
+    """No port in the health check itself: it reads FASTGATE_ADMIN_PORT (ENV, from the
+    ADMIN_PORT build argument, also EXPOSEd), which the config can use for `admin` too. The
+    check is run for real against a live admin server on another port, and against none."""
+    env_lines = [e for e in docker("ENV") if e.startswith("FASTGATE_ADMIN_PORT=")]
+    assert env_lines == ["FASTGATE_ADMIN_PORT=${ADMIN_PORT}"]
+    assert "${ADMIN_PORT}" in docker("EXPOSE")[0].split()
+    (healthcheck,) = docker("HEALTHCHECK")
+    cmd = json.loads(healthcheck.split("CMD", 1)[1])
+    assert "FASTGATE_ADMIN_PORT" in cmd[-1] and "9901" not in cmd[-1].replace(
+        "or '9901'", "")  # only the fallback when the variable is unset
+    # A config with `admin: 127.0.0.1:${FASTGATE_ADMIN_PORT}` loads with the same variable.
+    port = _free_port()
+    cfg = parse_config(yaml.safe_load(
+        "admin: '127.0.0.1:${FASTGATE_ADMIN_PORT}'\n"
+        "upstreams: {u: {url: 'http://127.0.0.1:1'}}\n"
+        "routes: [{name: r, match: {path_prefix: /}, upstream: u, auth: none}]\n"),
+        {"FASTGATE_ADMIN_PORT": str(port)})
+    assert cfg.admin is not None and cfg.admin.port == port
+    import asyncio
+    import threading
+
+    from fastgate.admin import AdminServer
+
+    loop = asyncio.new_event_loop()
+    admin = AdminServer(cfg.admin, metrics_body=lambda: b"", ready=lambda: {})
+    loop.run_until_complete(admin.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**os.environ, "FASTGATE_ADMIN_PORT": str(port)}
+        assert subprocess.run(cmd, env=env, timeout=30).returncode == 0
+        env["FASTGATE_ADMIN_PORT"] = str(_free_port())  # nothing listens there
+        assert subprocess.run(cmd, env=env, capture_output=True, timeout=30).returncode != 0
+    finally:
+        asyncio.run_coroutine_threadsafe(admin.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
 
 
 def test_dockerfile_build_and_runtime_stages(k8s_config: GatewayConfig) -> None:
@@ -488,7 +559,8 @@ def test_dockerfile_build_and_runtime_stages(k8s_config: GatewayConfig) -> None:
     assert "--no-index" in runs  # the runtime installs only the builder's wheels
     assert json.loads(docker("ENTRYPOINT")[0]) == ["fastgate"]
     (healthcheck,) = docker("HEALTHCHECK")
-    assert f"127.0.0.1:{k8s_config.admin.port}/healthz" in healthcheck
+    assert "http://127.0.0.1:{port}/healthz" in healthcheck
+    assert docker_arg_defaults()["ADMIN_PORT"] == str(k8s_config.admin.port)
     assert "curl" not in healthcheck  # not in the slim image
 
 
@@ -634,3 +706,175 @@ def test_security_doc_maps_every_catalog_id_to_a_test_file() -> None:
     assert set(rows) == expected
     for ident, row in rows.items():
         assert re.search(r"tests/test_\w+\.py", row), ident
+
+
+# -- Prometheus alert rules (deploy/prometheus) -------------------------------------------------
+
+RULES = ROOT / "deploy" / "prometheus" / "fastgate-rules.yaml"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed "
+                                    "(.ci/run installs Debian's prometheus package)")
+SPEC_METRICS = {
+    "fastgate_requests_total", "fastgate_request_duration_seconds", "fastgate_rejects_total",
+    "fastgate_verify_duration_seconds", "fastgate_upstream_duration_seconds",
+    "fastgate_upstream_errors_total", "fastgate_token_cache_lookups_total",
+    "fastgate_token_cache_entries", "fastgate_jwks_fetches_total",
+    "fastgate_jwks_fetch_duration_seconds", "fastgate_jwks_keys", "fastgate_jwks_age_seconds",
+    "fastgate_inflight_requests", "fastgate_build_info", "fastgate_config_reloads_total",
+}
+
+
+def _rules() -> list[dict[str, Any]]:
+    doc = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    return [rule for group in doc["groups"] for rule in group["rules"]]
+
+
+def test_alert_rules_cover_the_operators_list_and_name_real_metrics() -> None:
+    rules = {r["alert"]: r for r in _rules()}
+    for name in ("FastgateRejectRatioSpike", "FastgateJwksFetchFailing",
+                 "FastgateJwksNearMaxStale", "FastgateUpstream5xxRatio",
+                 "FastgateNoReadyWorkers", "FastgateHighP99Latency"):
+        assert name in rules, name
+    for name, rule in rules.items():
+        used = set(re.findall(r"\bfastgate_[a-z_]+", rule["expr"]))
+        bases = {re.sub(r"_(bucket|count|sum)$", "", m) for m in used}
+        assert used and bases <= SPEC_METRICS, (name, bases - SPEC_METRICS)
+        assert rule["labels"]["severity"] in ("warning", "critical")
+        assert rule["annotations"]["summary"], name
+    # The staleness threshold is below the default max_stale (the keys are dropped there).
+    stale = rules["FastgateJwksNearMaxStale"]["expr"]
+    threshold = float(stale.rsplit(">", 1)[1])
+    assert 0 < threshold < JwksCacheConfig().max_stale
+
+
+@needs_promtool
+def test_alert_rules_pass_promtool_check() -> None:
+    assert PROMTOOL is not None
+    p = subprocess.run([PROMTOOL, "check", "rules", str(RULES)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"SUCCESS: {len(_rules())} rules found" in p.stdout
+
+
+def _series(name: str, values: str, **labels: str) -> dict[str, str]:
+    text = ",".join(f'{k}="{v}"' for k, v in {"job": "fg", "instance": "a", **labels}.items())
+    return {"series": f"{name}{{{text}}}", "values": values}
+
+
+# Per minute: 600 = 10/s. "a" is a broken instance, "b" a healthy one.
+_BROKEN = [
+    _series("fastgate_rejects_total", "0+600x40", route="orders", reason="audience_mismatch"),
+    _series("fastgate_rejects_total", "0+6000x40", instance="b", route="catalog",
+            reason="token_missing"),  # rejects every API sees: never an alert
+    _series("fastgate_requests_total", "0+600x40", route="orders", status_class="4xx"),
+    _series("fastgate_requests_total", "0+600x40", route="orders", status_class="2xx"),
+    _series("fastgate_requests_total", "0+300x40", route="billing", status_class="5xx"),
+    _series("fastgate_requests_total", "0+900x40", route="billing", status_class="2xx"),
+    _series("fastgate_requests_total", "0+6000x40", instance="b", route="catalog",
+            status_class="4xx"),
+    _series("fastgate_requests_total", "0+6000x40", instance="b", route="catalog",
+            status_class="2xx"),
+    _series("fastgate_request_duration_seconds_bucket", "0x40", route="orders", le="0.1"),
+    _series("fastgate_request_duration_seconds_bucket", "0+1200x40", route="orders",
+            le="2.5"),
+    _series("fastgate_request_duration_seconds_bucket", "0+1200x40", route="orders",
+            le="+Inf"),
+    _series("fastgate_request_duration_seconds_count", "0+1200x40", route="orders"),
+    _series("fastgate_jwks_fetches_total", "0+1x40", provider="okta", result="failure"),
+    _series("fastgate_jwks_fetches_total", "3x40", provider="okta", result="success"),
+    _series("fastgate_jwks_fetches_total", "0x40", instance="b", provider="okta",
+            result="failure"),
+    _series("fastgate_jwks_fetches_total", "0+1x40", instance="b", provider="okta",
+            result="success"),
+    _series("fastgate_jwks_age_seconds", "70000+60x40", provider="okta"),
+    _series("fastgate_jwks_age_seconds", "30x40", instance="b", provider="okta"),
+    _series("fastgate_jwks_keys", "0x40", provider="okta"),
+    _series("fastgate_jwks_keys", "2x40", instance="b", provider="okta"),
+    _series("fastgate_build_info", "1x40", instance="b", version="0.1.0", extension="cython"),
+]
+
+
+def _expect(alert: str, **labels: str) -> dict[str, Any]:
+    return {"eval_time": "30m", "alertname": alert,
+            "exp_alerts": [{"exp_labels": labels}] if labels else []}
+
+
+@needs_promtool
+def test_alert_rules_fire_on_a_broken_instance_and_not_on_a_healthy_one(tmp_path: Path) -> None:
+    """`promtool test rules` with synthetic series: every alert fires for instance "a" (or its
+    routes) and for nothing else. The copy of the rules has no annotations (their templates are
+    checked by `promtool check rules`), so only the expressions and labels are compared."""
+    assert PROMTOOL is not None
+    doc = yaml.safe_load(RULES.read_text(encoding="utf-8"))
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            rule.pop("annotations", None)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump(doc))
+    w, c = "warning", "critical"
+    cases = [
+        _expect("FastgateRejectRatioSpike", severity=w, job="fg", route="orders"),
+        _expect("FastgateJwksFetchFailing", severity=w, job="fg", instance="a", provider="okta"),
+        _expect("FastgateJwksNearMaxStale", severity=c, job="fg", instance="a", provider="okta"),
+        _expect("FastgateProviderWithoutKeys", severity=c, job="fg", instance="a",
+                provider="okta"),
+        _expect("FastgateNoReadyWorkers", severity=c, job="fg", instance="a"),
+        _expect("FastgateAbsent"),  # instance b has a live worker
+        _expect("FastgateUpstream5xxRatio", severity=w, job="fg", route="billing"),
+        _expect("FastgateHighP99Latency", severity=w, job="fg", route="orders"),
+    ]
+    assert {case["alertname"] for case in cases} == {r["alert"] for r in _rules()}
+    spec = {"rule_files": [str(rules)], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": _BROKEN, "alert_rule_test": cases},
+                      # Nothing scraped at all: only the absence alert.
+                      {"interval": "1m", "input_series": [],
+                       "alert_rule_test": [_expect("FastgateAbsent", severity=c)]}]}
+    test_file = tmp_path / "test.yaml"
+    test_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    p = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+# -- the Kubernetes set as kustomize renders it: scraped once ------------------------------------
+
+KUSTOMIZE = ([k, "kustomize"] if (k := shutil.which("kubectl")) else
+             [k] if (k := shutil.which("kustomize")) else None)
+needs_kustomize = pytest.mark.skipif(KUSTOMIZE is None, reason="neither kubectl nor kustomize")
+
+
+def _render(directory: Path) -> list[dict[str, Any]]:
+    assert KUSTOMIZE is not None
+    p = subprocess.run([*KUSTOMIZE, str(directory)], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    return [d for d in yaml.safe_load_all(p.stdout) if d]
+
+
+def _scrape_mechanisms(docs: list[dict[str, Any]]) -> list[str]:
+    """Each way Prometheus would find the gateway pods: annotated pod templates and
+    ServiceMonitors selecting a Service that selects those pods."""
+    out: list[str] = []
+    pods = [d for d in docs if d["kind"] == "Deployment"]
+    for dep in pods:
+        annotations = dep["spec"]["template"]["metadata"].get("annotations") or {}
+        if annotations.get("prometheus.io/scrape") == "true":
+            out.append(f"annotations on {dep['metadata']['name']}")
+    services = [d for d in docs if d["kind"] == "Service"]
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        wanted = monitor["spec"]["selector"]["matchLabels"]
+        for svc in services:
+            if selects(wanted, svc["metadata"].get("labels", {})) and any(
+                    selects(svc["spec"]["selector"],
+                            dep["spec"]["template"]["metadata"]["labels"]) for dep in pods):
+                out.append(f"ServiceMonitor {monitor['metadata']['name']} via "
+                           f"{svc['metadata']['name']}")
+    return out
+
+
+@needs_kustomize
+def test_rendered_base_and_overlay_are_each_scraped_exactly_once() -> None:
+    base = _scrape_mechanisms(_render(K8S))
+    assert base == ["annotations on fastgate"]
+    overlay = _scrape_mechanisms(_render(OVERLAY))
+    assert overlay == ["ServiceMonitor fastgate via fastgate-metrics"]

@@ -366,3 +366,51 @@ def test_opaque_and_encrypted_tokens_get_a_hint(config: GatewayConfig) -> None:
     assert "encrypted token (JWE, 5 segments)" in e.message
     e = explain(config, "a.b", None, NOW)
     assert "2 segments" in e.message
+
+
+# ---------------------------------------------------------------------------------------------
+# typ (RFC 9068 §4)
+# ---------------------------------------------------------------------------------------------
+
+
+def typ_config(key: SigningKey, other_key: SigningKey) -> GatewayConfig:
+    doc = config_doc(key, other_key)
+    doc["providers"]["main"]["typ"] = ["at+jwt"]
+    return parse_config(doc, {})
+
+
+def test_typ_is_shown_even_when_not_checked(config: GatewayConfig, key: SigningKey) -> None:
+    e = explain(config, make_token(key, user_claims()), "orders", now=NOW)
+    assert e.ok and e.typ == "JWT" and e.allowed_typ is None
+    assert '  typ:       "JWT" (not checked: the provider lists no typ)' in e.render()
+    assert e.to_dict()["typ"] == {"value": "JWT", "allowed": None}
+
+
+def test_typ_mismatch_is_explained(key: SigningKey, other_key: SigningKey) -> None:
+    config = typ_config(key, other_key)
+    id_token = make_token(key, user_claims())  # the factory's header says typ "JWT"
+    e = explain(config, id_token, "orders", now=NOW)
+    assert (e.ok, e.reason, e.status, e.check) == (False, Reason.TOKEN_TYPE_INVALID, 401, "typ")
+    assert e.www_authenticate == ('Bearer realm="fastgate", error="invalid_token", '
+                                  'error_description="token_type_invalid"')
+    assert 'typ "JWT" is not allowed; provider main accepts typ at+jwt' in e.message
+    assert "ID token" in e.message
+    assert not e.claims_verified  # typ is decided before the signature
+    text = e.render()
+    assert '  typ:       "JWT" (allowed: at+jwt)' in text
+    assert "claims (UNVERIFIED):" in text
+    assert e.to_dict()["typ"] == {"value": "JWT", "allowed": ["at+jwt"]}
+    # no typ at all
+    header = base64.urlsafe_b64encode(json.dumps({"alg": "RS256", "kid": key.kid}).encode())
+    untyped = make_token(key, user_claims(), raw_header=json.dumps(
+        {"alg": "RS256", "kid": key.kid}).encode())
+    assert header.decode().rstrip("=") == untyped.split(".")[0]
+    e = explain(config, untyped, "orders", now=NOW)
+    assert e.reason is Reason.TOKEN_TYPE_INVALID and e.typ is None
+    assert e.message.startswith("the token has no typ header")
+    assert "  typ:       (none) (allowed: at+jwt)" in e.render()
+    # the right typ in another spelling is accepted, and the message names the typ check
+    e = explain(config, make_token(key, user_claims(), header={"typ": "Application/AT+JWT"}),
+                "orders", now=NOW)
+    assert e.ok, e.render()
+    assert "typ, time window" in e.message

@@ -166,3 +166,36 @@ def test_json_equal() -> None:
     assert json_equal("a", "a")
     assert not json_equal("1", 1)
     assert not json_equal(None, "None")
+
+
+# -- combined claim headers ("{sub}@{tenant.id}") --------------------------------------------
+
+
+def _template_policy(text: str) -> Policy:
+    from fastgate.config import parse_claim_template
+
+    return _policy(claim_headers=(ClaimHeader("X-Identity", (), parse_claim_template(text)),))
+
+
+@pytest.mark.parametrize(("text", "claims", "expected"), [
+    ("{sub}@{tenant.id}", {"sub": "alice", "tenant": {"id": "t-1"}}, "alice@t-1"),
+    ("{sub}:{roles}", {"sub": "a", "roles": ["r1", "r2"]}, "a:r1,r2"),  # lists joined
+    ("{sub}/{n}/{ok}", {"sub": "a", "n": 42, "ok": True}, "a/42/true"),  # JSON scalars
+    ('{["https://x.test/org"]}-{sub}', {"https://x.test/org": "o", "sub": "s"}, "o-s"),
+    ("{{literal}} {sub}", {"sub": "s"}, "{literal} s"),
+    ("{sub}@{tenant.id}", {"sub": "alice"}, None),  # a missing claim drops the header
+    ("{sub}@{tenant.id}", {"sub": "a\r\nX-Evil: 1", "tenant": {"id": "t"}}, None),
+    ("{sub}@{tenant.id}", {"sub": None, "tenant": {"id": "t"}}, None),
+    # Each placeholder in the claim-header encoding: non-ASCII as its RFC 8187 form.
+    ("{name}", {"name": "José"}, "UTF-8''Jos%C3%A9"),
+])
+def test_template_rendering(text: str, claims: dict[str, Any], expected: str | None) -> None:
+    headers = dict(_template_policy(text).headers(claims))
+    assert headers.get("X-Identity") == expected
+
+
+def test_template_is_compiled_once_and_reserved() -> None:
+    policy = _template_policy("{sub}@{tenant.id}")
+    assert policy.templates == (("X-Identity", (("sub",), "@", ("tenant", "id"))),)
+    assert policy.claim_headers == ()
+    assert policy.reserved_names() == ["X-Identity"]  # inbound copies are removed

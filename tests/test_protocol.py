@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -894,6 +895,76 @@ def test_x_forwarded_follow_trusted_proxies(env: Env, trusted: bool,
     assert got == tuple([v] for v in expected)
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(("trusted", "sent_id", "kept"), [
+    (True, "req-abc.123", True), (False, "req-abc.123", False), (True, None, False),
+    (True, "bad id with spaces", False),
+], ids=["trusted-kept", "untrusted-replaced", "absent-generated", "invalid-replaced"])
+def test_request_id_kept_from_trusted_proxies_else_generated(
+        env: Env, trusted: bool, sent_id: str | None, kept: bool) -> None:
+    """tracing.request_id: a trusted proxy's X-Request-Id is forwarded as it is; anyone
+    else's (or none) is replaced by an id the gateway makes, unique per request."""
+    proxies = (ip_network("127.0.0.1/32"),) if trusted else ()
+    config = env.config(trusted_proxies=proxies)
+    headers = [("X-Request-Id", sent_id)] if sent_id is not None else []
+
+    async def go() -> None:
+        async with serving(config) as gw:
+            for _ in range(2):
+                async with connection(gw.port) as (reader, writer):
+                    writer.write(http_request("GET", "/public/rid", headers))
+                    assert (await response(reader)).status == 200
+
+    env.run(go())
+    ids = [r.header_values("X-Request-Id") for r in env.up.records]
+    assert all(len(v) == 1 for v in ids), ids  # exactly one, never the client's plus ours
+    if kept:
+        assert ids == [[sent_id], [sent_id]]
+    else:
+        assert sent_id not in (ids[0][0], ids[1][0])
+        assert ids[0] != ids[1] and all(re.fullmatch(r"[0-9a-f]{32}", v[0]) for v in ids)
+
+
+@pytest.mark.parametrize(("mode", "sent", "forwarded"), [
+    ("pass", TRACEPARENT, TRACEPARENT),
+    ("pass", None, None),
+    ("pass", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),
+    ("pass", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
+    ("pass", TRACEPARENT.upper(), None),
+    ("create", TRACEPARENT, TRACEPARENT),
+    ("create", None, "new"),
+    ("create", "garbage", "new"),
+], ids=["pass-valid", "pass-absent", "pass-zero-trace", "pass-version-ff", "pass-upper",
+        "create-keeps-valid", "create-absent", "create-invalid"])
+def test_w3c_traceparent_passed_or_created(env: Env, mode: str, sent: str | None,
+                                           forwarded: str | None) -> None:
+    """W3C Trace Context §3.2: a valid traceparent is forwarded (with its tracestate); an
+    invalid one is dropped (and tracestate with it); ``traceparent: create`` makes a new one
+    when there is none valid."""
+    from fastgate.config import TracingConfig
+
+    config = env.config(tracing=TracingConfig(traceparent=mode))  # type: ignore[arg-type]
+    headers = [("traceparent", sent), ("tracestate", "vendor=1")] if sent is not None else []
+
+    async def go() -> None:
+        async with serving(config) as gw, connection(gw.port) as (reader, writer):
+            writer.write(http_request("GET", "/public/tp", headers))
+            assert (await response(reader)).status == 200
+
+    env.run(go())
+    rec = env.up.records[-1]
+    got = rec.header_values("traceparent")
+    if forwarded is None:
+        assert got == [] and rec.header_values("tracestate") == []
+    elif forwarded == "new":
+        assert len(got) == 1 and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-00", got[0])
+        assert rec.header_values("tracestate") == []  # not the client's, with a new trace
+    else:
+        assert got == [forwarded] and rec.header_values("tracestate") == ["vendor=1"]
+
+
 @pytest.mark.parametrize("data", [
     http_request("GET", "/nowhere"),
     http_request("GET", "/api/orders"),
@@ -1033,3 +1104,48 @@ def test_reload_swaps_tables_without_dropping_a_request(env: Env) -> None:
 
     assert env.run(go()) == [200] * 22
     assert "/new/x" in env.targets()
+
+
+class _Broken:
+    """A metrics or access-log sink that fails (a bug, a full disk): the request must still
+    be answered, never left hanging."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        if name != self.method:
+            raise AttributeError(name)
+
+        def fail(*args: Any, **kwargs: Any) -> None:
+            self.calls += 1
+            raise RuntimeError(f"{name} is broken")
+
+        return fail
+
+
+@pytest.mark.parametrize(("hook", "where", "status"), [
+    ("upstream_observe", "metrics", 502),  # fails before the response head: a 502 instead
+    ("reject", "metrics", 502),  # fails while deciding a reject
+    ("log", "access_log", 200),  # fails after the response was written: it still arrives
+])
+def test_internal_failure_is_answered_never_a_hang(env: Env, hook: str, where: str,
+                                                   status: int) -> None:
+    broken = _Broken(hook)
+    build: dict[str, Any] = {where: broken}
+    target = "/api/x" if hook == "reject" else "/public/x"
+
+    async def go() -> tuple[RawResponse, bytes | None]:
+        async with serving(env.config(), **build) as gw, \
+                connection(gw.port) as (reader, writer):
+            writer.write(http_request("GET", target, close=False))
+            resp = await response(reader)
+            return resp, await eof_within(reader, 3)
+
+    resp, rest = env.run(go(), timeout=15)
+    assert broken.calls >= 1
+    assert resp.status == status
+    if status == 502:
+        assert resp.json() == {"error": "bad_gateway"}
+        assert rest == b"", "the connection must close after an internal error"

@@ -42,6 +42,7 @@ from fastgate.config import (
     TokenSource,
     UpstreamConfig,
     parse_claim_path,
+    parse_claim_template,
 )
 from fastgate.errors import ConfigError
 from fastgate.reasons import Reason
@@ -111,7 +112,8 @@ def build_config(up: EchoUpstream, tmp: Path, keys: dict[str, SigningKey]) -> Ga
                                  audiences=(AUDIENCE,)),
     }
     claim_headers = (ClaimHeader("X-User-Id", ("sub",)), ClaimHeader("X-Tenant", ("tenant", "id")),
-                     ClaimHeader("X-Roles", ("roles",)), ClaimHeader("X-User-Name", ("name",)))
+                     ClaimHeader("X-Roles", ("roles",)), ClaimHeader("X-User-Name", ("name",)),
+                     ClaimHeader("X-Identity", (), parse_claim_template("{sub}@{tenant.id}")))
     routes = (
         _route("public", path_prefix="/public/"),
         _route("strip", path_prefix="/strip/", strip=True),
@@ -408,7 +410,10 @@ def test_every_reason_is_covered() -> None:
                Reason.SIGNATURE_INVALID, Reason.TOKEN_EXPIRED, Reason.TOKEN_NOT_YET_VALID,
                Reason.AUDIENCE_MISMATCH, Reason.CLAIM_MISSING, Reason.TOKEN_AMBIGUOUS,
                Reason.INSUFFICIENT_SCOPE, Reason.CLAIM_MISMATCH, Reason.API_KEY_MISSING,
-               Reason.API_KEY_INVALID, Reason.API_KEY_MISMATCH, Reason.JWKS_UNAVAILABLE}
+               Reason.API_KEY_INVALID, Reason.API_KEY_MISMATCH, Reason.JWKS_UNAVAILABLE,
+               Reason.TOKEN_TYPE_INVALID,
+               # over real TLS with client certificates: tests/test_tls.py
+               Reason.CERTIFICATE_MISMATCH}
     assert covered == {r for r in Reason if r is not Reason.OK}
 
 
@@ -568,6 +573,21 @@ def test_control_characters_in_claims_never_emitted(env: Env, bad: str) -> None:
     assert rec.header_values("X-User-Id") == []
     assert "x-injected" not in rec.header_names()
     assert rec.header_values("X-User-Name") == ["fine"]
+
+
+def test_combined_claim_header_template(env: Env) -> None:
+    """claim_headers "{sub}@{tenant.id}": one header from two claims; a client's own copy is
+    removed; a missing claim or an unsafe value drops the header (never a partial value)."""
+    resp = env.bearer("/api/orders", env.token(sub="alice", tenant={"id": "t-9"}),
+                      [("X-Identity", "mallory@evil")])
+    assert resp.status == 200
+    assert env.last().header_values("X-Identity") == ["alice@t-9"]
+    assert env.bearer("/api/orders", env.token(sub="alice")).status == 200  # no tenant claim
+    assert env.last().header_values("X-Identity") == []
+    resp = env.bearer("/api/orders", env.token(sub="a\r\nX-Injected: 1", tenant={"id": "t"}))
+    assert resp.status == 200
+    assert env.last().header_values("X-Identity") == []
+    assert "x-injected" not in env.last().header_names()
 
 
 def test_non_ascii_claims_are_rfc8187_encoded(env: Env) -> None:
@@ -1161,3 +1181,28 @@ def test_gateway_written_responses_framing(env: Env, method: str, version: str,
     assert (token == "close") is closes
     assert (token == "keep-alive") is (version == "1.0" and not closes)
     assert rest == (b"" if closes else b"timeout")
+
+
+def test_reason_token_type_invalid(env: Env) -> None:
+    """RFC 9068 §4: a provider that lists typ values rejects any other typ (or none) with
+    401 token_type_invalid; the listed type passes in any case and with "application/"."""
+    typed = replace(env.config.providers["main"], typ=("at+jwt",))
+    config = replace(env.config, providers={"main": typed},
+                     routes=(_route("orders", path_prefix="/api/orders", auth=_auth("main")),))
+    gw = env.loop.run(start_gateway(config))
+    try:
+        local = Env(env.loop, env.up, gw, env.keys, config)
+        id_token = env.token()  # the factory's header says typ "JWT"
+        for _ in range(2):  # the second time through the caches
+            local.reject("/api/orders", [("Authorization", f"Bearer {id_token}")],
+                         Reason.TOKEN_TYPE_INVALID)
+        claims = default_claims(now=time.time())
+        untyped = make_token(env.keys["main"], claims, raw_header=json.dumps(
+            {"alg": "RS256", "kid": env.keys["main"].kid}).encode())
+        local.reject("/api/orders", [("Authorization", f"Bearer {untyped}")],
+                     Reason.TOKEN_TYPE_INVALID)
+        for typ in ("at+jwt", "application/AT+JWT"):
+            access = make_token(env.keys["main"], claims, header={"typ": typ})
+            assert local.bearer("/api/orders", access).status == 200
+    finally:
+        env.loop.run(gw.stop())

@@ -17,7 +17,7 @@ SPEC_TABLE: dict[Reason, tuple[int, str | None]] = {
             Reason.TOKEN_MALFORMED, Reason.TOKEN_TOO_LARGE, Reason.ALG_NOT_ALLOWED,
             Reason.ISSUER_UNKNOWN, Reason.KEY_NOT_FOUND, Reason.SIGNATURE_INVALID,
             Reason.TOKEN_EXPIRED, Reason.TOKEN_NOT_YET_VALID, Reason.AUDIENCE_MISMATCH,
-            Reason.CLAIM_MISSING,
+            Reason.CLAIM_MISSING, Reason.TOKEN_TYPE_INVALID, Reason.CERTIFICATE_MISMATCH,
         )
     },
     Reason.TOKEN_AMBIGUOUS: (400, 'Bearer realm="fastgate", error="invalid_request"'),

@@ -32,7 +32,7 @@ EXPECTED = {
 for _r in (Reason.TOKEN_MALFORMED, Reason.TOKEN_TOO_LARGE, Reason.ALG_NOT_ALLOWED,
            Reason.ISSUER_UNKNOWN, Reason.KEY_NOT_FOUND, Reason.SIGNATURE_INVALID,
            Reason.TOKEN_EXPIRED, Reason.TOKEN_NOT_YET_VALID, Reason.AUDIENCE_MISMATCH,
-           Reason.CLAIM_MISSING):
+           Reason.CLAIM_MISSING, Reason.TOKEN_TYPE_INVALID, Reason.CERTIFICATE_MISMATCH):
     EXPECTED[_r] = (401, f'Bearer realm="fastgate", error="invalid_token", '
                          f'error_description="{_r.label}"')
 

@@ -210,11 +210,12 @@ class Fastgate:
 def launch(tmp_path: Path, upstream: ThreadedUpstream) -> Iterator[Callable[..., Fastgate]]:
     started: list[Fastgate] = []
 
-    def start(*, cli_workers: int | None = None, **kw: Any) -> Fastgate:
+    def start(*, cli_workers: int | None = None, args: tuple[str, ...] = (),
+              top: dict[str, Any] | None = None, **kw: Any) -> Fastgate:
         port, admin = free_port(), free_port()
         cfg_path = tmp_path / "gateway.yaml"
-        write(cfg_path, config(upstream, port, admin, tmp_path, **kw))
-        argv = [sys.executable, "-m", "fastgate", "run", "-c", str(cfg_path)]
+        write(cfg_path, {**config(upstream, port, admin, tmp_path, **kw), **(top or {})})
+        argv = [sys.executable, "-m", "fastgate", "run", "-c", str(cfg_path), *args]
         if cli_workers is not None:
             argv += ["--workers", str(cli_workers)]
         err = tmp_path / "stderr.log"
@@ -671,3 +672,46 @@ def test_reload_removing_routes_keeps_in_flight_request(
     assert reloads(fg) == (1, 0), fg.why()
     assert status == 200, body
     assert value(fg.scrape(), "fastgate_requests_total", route="extra", status_class="2xx") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Operational log format (log_format / --log-format)
+# ---------------------------------------------------------------------------------------------
+
+_RFC3339_MS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def _stop(fg: Fastgate) -> str:
+    fg.signal(signal.SIGTERM)
+    assert fg.proc.wait(DRAIN + 10) == 0, fg.why()
+    return fg.stderr()
+
+
+def test_json_logs_from_the_master_and_every_worker(launch: Callable[..., Fastgate]) -> None:
+    fg = launch(workers=2, top={"log_format": "json"})
+    status, _, _ = get(fg.port, "/public/x")
+    assert status == 200
+    lines = [line for line in _stop(fg).splitlines() if line.strip()]
+    assert lines
+    records = []
+    for line in lines:
+        record = orjson.loads(line)  # every line is one JSON object, nothing else
+        assert set(record) >= {"time", "level", "logger", "message", "worker"}, line
+        assert set(record) <= {"time", "level", "logger", "message", "worker", "exception"}
+        assert _RFC3339_MS.fullmatch(record["time"]), record
+        assert record["level"] in ("debug", "info", "warning", "error", "critical")
+        assert record["logger"].startswith("fastgate"), record
+        records.append(record)
+    assert {r["worker"] for r in records} == {None, 0, 1}  # the master and both workers
+    assert any(r["worker"] is None and "worker 1: started pid" in r["message"]
+               for r in records)
+
+
+def test_log_format_flag_overrides_the_config(launch: Callable[..., Fastgate]) -> None:
+    fg = launch(workers=1, top={"log_format": "json"}, args=("--log-format", "text"))
+    lines = [line for line in _stop(fg).splitlines() if line.strip()]
+    assert lines and all(not line.startswith("{") for line in lines), lines
+    assert all(" fastgate[" in line for line in lines), lines
+    fg = launch(workers=1, args=("--log-format", "json"))  # config default: text
+    lines = [line for line in _stop(fg).splitlines() if line.strip()]
+    assert lines and all(orjson.loads(line)["worker"] is None for line in lines)

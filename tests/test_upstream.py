@@ -1026,10 +1026,14 @@ async def test_closed_pool_refuses() -> None:
 
 
 def test_rejects_non_http_urls() -> None:
-    with pytest.raises(ValueError):
-        UpstreamPool(UpstreamConfig(name="x", url="https://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="only http:// and https://"):
+        UpstreamPool(UpstreamConfig(name="x", url="ftp://127.0.0.1:1"))
     pool = UpstreamPool(UpstreamConfig(name="x", url="http://[::1]:8080/api/"))
     assert pool._host_line == "Host: [::1]:8080\r\n" and pool._base == "/api"
+    # RFC 9110 §4.2.2: https's default port is 443 and is left out of Host (tests/test_tls.py
+    # covers https upstreams end to end).
+    tls_pool = UpstreamPool(UpstreamConfig(name="x", url="https://api.example.com:443"))
+    assert tls_pool._host_line == "Host: api.example.com\r\n"
 
 
 def test_also_runs_on_the_default_asyncio_loop() -> None:

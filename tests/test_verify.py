@@ -1496,10 +1496,14 @@ def test_negative_cache_bounded_and_never_evicts_valid_entries() -> None:
     check(v, big_bad, R.SIGNATURE_INVALID, detail="signature")
     check(v, big_bad, R.SIGNATURE_INVALID, detail="signature")
     assert cache.negative_size == 0
-    # only signature_invalid is remembered
-    check(v, make_token(HS, default_claims(exp=int(NOW) - 3600)), R.TOKEN_EXPIRED)
+    # beside signature_invalid only pure time rejects are remembered: not a malformed token,
+    # not an audience reject (those depend on the route), not max_lifetime
     check(v, "a.b.c", R.TOKEN_MALFORMED)
+    check(v, make_token(HS, default_claims(aud="api://other")), R.AUDIENCE_MISMATCH)
     assert cache.negative_size == 0
+    check(v, make_token(HS, default_claims(exp=int(NOW) - 3600)), R.TOKEN_EXPIRED)
+    assert cache.negative_size == 1
+    cache.clear()
     # disabled with the cache
     off = Verifier(ISSUER, [AUDIENCE], secret=HS.private, cache_size=0)
     bad = f"{si}.{b64u(bytes(32))}"
@@ -1967,3 +1971,214 @@ def test_asymmetric_algs_constant_matches_conftest() -> None:
     assert set(ASYMMETRIC_ALGS) <= _verify.ASYMMETRIC_ALGORITHMS
     assert {"Ed25519", "Ed448"} <= _verify.ASYMMETRIC_ALGORITHMS
     assert public_jwk(RS.private)["kty"] == "RSA"
+
+
+# ------------------------------------------------------- typ (RFC 9068 §4, RFC 7515 §4.1.9)
+
+def typed(key: SigningKey, typ: Any = "__absent__", claims: dict[str, Any] | None = None) -> str:
+    """A token whose header typ is ``typ`` (absent by default, JSON null for None)."""
+    header: dict[str, Any] = {"alg": key.alg, "kid": key.kid}
+    if typ != "__absent__":
+        header["typ"] = typ
+    return make_token(key, claims, raw_header=json.dumps(header).encode())
+
+
+@pytest.mark.parametrize(("allowed", "typ", "ok"), [
+    (["at+jwt"], "at+jwt", True),
+    (["at+jwt"], "application/at+jwt", True),  # RFC 7515 §4.1.9: the prefix is optional
+    (["at+jwt"], "AT+JWT", True),  # media types compare case-insensitively
+    (["at+jwt"], "Application/At+Jwt", True),
+    (["application/at+jwt"], "at+jwt", True),  # either side may carry the prefix
+    (["APPLICATION/AT+JWT"], "at+JWT", True),
+    (["at+jwt", "JWT"], "jwt", True),
+    (["application/okta-internal-at+jwt"], "okta-internal-at+jwt", True),
+    (["at+jwt"], "JWT", False),  # an ID token's usual typ
+    (["at+jwt"], "jwt+at", False),
+    (["at+jwt"], "at+jwt ", False),  # no trimming: not the same media type
+    (["at+jwt"], "text/at+jwt", False),  # another top-level type is another type
+    (["at+jwt"], "application/application/at+jwt", False),
+    (["at+jwt"], "", False),
+    (["at+jwt"], "__absent__", False),  # RFC 9068 §4: typ is required when checked
+    (["at+jwt"], None, False),  # JSON null
+    (["at+jwt"], ["at+jwt"], False),  # not a string
+    (["at+jwt"], 1, False),
+    (["at+jwt"], "at+jwt\u00e9", False),  # non-ASCII never names a media type here
+])
+def test_typ_allowed_list(allowed: list[str], typ: Any, ok: bool) -> None:
+    v = verifier(ES, typ=allowed)
+    want = R.OK if ok else R.TOKEN_TYPE_INVALID
+    check(v, typed(ES, typ), want, detail=None if ok else "typ")
+    check(v, typed(ES, typ), want)  # the same answer from the cache / header cache
+
+
+def test_typ_not_configured_ignores_the_header() -> None:
+    v = verifier(ES)
+    assert v.typ is None
+    for typ in ("JWT", "at+jwt", "__absent__", None, 7):
+        check(v, typed(ES, typ), R.OK)
+
+
+def test_typ_normalised_once_and_validated() -> None:
+    v = verifier(ES, typ=("at+jwt", "Application/AT+JWT", "JWT"))
+    assert v.typ == frozenset({"application/at+jwt", "application/jwt"})
+    bad: list[Any] = ["at+jwt", [], [""], [1], ["a/b/c"], ["/x"], ["x/"], ["at jwt"],
+                      ["at+jwt;q=1"], ["\u00e9"]]
+    for value in bad:
+        with pytest.raises(ValueError):
+            verifier(ES, typ=value)
+
+
+def test_typ_check_order() -> None:
+    v = verifier(ES, typ=["at+jwt"])
+    # after the header and alg checks ...
+    check(v, typed(ES, "JWT", default_claims()).replace(".", "!", 1), R.TOKEN_MALFORMED)
+    rs_v = verifier(RS, typ=["at+jwt"], algorithms=["RS256"])
+    check(rs_v, typed(ES, "JWT"), R.ALG_NOT_ALLOWED)
+    check(v, typed(ES, "JWT", default_claims(iss="https://other.example/")), R.ISSUER_UNKNOWN)
+    # ... and before the key lookup, the signature and the claims
+    check(v, make_token(ES, kid="no-such-kid", header={"typ": "JWT"}), R.TOKEN_TYPE_INVALID)
+    forged = typed(ES, "JWT").rsplit(".", 1)[0] + "." + typed(ES, "at+jwt").rsplit(".", 1)[1]
+    before = _verify.signature_checks()
+    check(v, forged, R.TOKEN_TYPE_INVALID)
+    check(v, typed(ES, "JWT", default_claims(exp=int(NOW) - 3600)), R.TOKEN_TYPE_INVALID)
+    assert _verify.signature_checks() == before  # decided from the header alone
+    empty = Verifier(ISSUER, [AUDIENCE], typ=["at+jwt"])  # no keys yet
+    check(empty, typed(ES, "JWT"), R.TOKEN_TYPE_INVALID)
+    check(empty, typed(ES, "at+jwt"), R.JWKS_UNAVAILABLE)
+
+
+def test_typ_cached_token_never_passes_a_provider_that_requires_typ() -> None:
+    """One cache, one issuer, two provider configs (as across a reload, or two Verifiers):
+    a token verified where typ is not checked never hits where it is."""
+    cache = TokenCache(100)
+    loose = Verifier(ISSUER, [AUDIENCE], jwks=jwks_of(ES), cache=cache, name="loose")
+    strict = Verifier(ISSUER, [AUDIENCE], jwks=jwks_of(ES), cache=cache, name="strict",
+                      typ=["at+jwt"])
+    id_token = typed(ES, "JWT")
+    access = typed(ES, "at+jwt")
+    for first, second in ((loose, strict), (IssuerSet([loose], cache), IssuerSet([strict], cache))):
+        cache.clear()
+        check(first, id_token, R.OK)
+        assert check(first, id_token, R.OK).cached
+        r = check(second, id_token, R.TOKEN_TYPE_INVALID, detail="typ")
+        assert not r.cached
+        check(first, id_token, R.OK)  # re-verified under the loose config: fine there
+        check(second, access, R.OK)
+        assert check(second, access, R.OK).cached
+        assert check(first, access, R.OK).cached is False  # another verifier: verified again
+    # an expired token remembered by one config is not answered for the other
+    cache.clear()
+    old = typed(ES, "JWT", default_claims(exp=int(NOW) - 3600))
+    check(loose, old, R.TOKEN_EXPIRED, detail="exp")
+    assert check(loose, old, R.TOKEN_EXPIRED).cached
+    check(strict, old, R.TOKEN_TYPE_INVALID, detail="typ")
+
+
+# ------------------------------------------- negative cache: time rejects (W3, expired replays)
+
+def test_expired_replay_costs_no_signature() -> None:
+    v = verifier(RS)
+    token = make_token(RS, default_claims(iat=int(NOW) - 7200, exp=int(NOW) - 3600))
+    before = _verify.signature_checks()
+    first = check(v, token, R.TOKEN_EXPIRED, detail="exp")
+    assert _verify.signature_checks() == before + 1 and not first.cached
+    for _ in range(3):
+        again = check(v, token, R.TOKEN_EXPIRED, detail="cached reject")
+        assert again.cached
+    assert _verify.signature_checks() == before + 1  # no RSA operation for the replays
+    cache = v.cache
+    assert (cache.negative_hits, cache.negative_size, cache.misses, len(cache)) == (3, 1, 1, 0)
+    # the same Result shape as the full reject (header/payload decoded only when asked)
+    for name in ("kid", "alg", "issuer", "verifier", "header", "payload", "claims"):
+        assert getattr(again, name) == getattr(first, name), name
+    # still expired later; if the clock goes back before exp + skew, verified afresh
+    check(v, token, R.TOKEN_EXPIRED, now=NOW + 86400, detail="cached reject")
+    check(v, token, R.OK, now=NOW - 3600)
+    assert _verify.signature_checks() == before + 2
+
+
+def test_expired_entry_invalidated_by_a_key_change() -> None:
+    a, b = generate("ES256", kid="k"), generate("ES256", kid="k2")
+    v = verifier(a)
+    token = make_token(a, default_claims(exp=int(NOW) - 3600))
+    check(v, token, R.TOKEN_EXPIRED, detail="exp")
+    check(v, token, R.TOKEN_EXPIRED, detail="cached reject")
+    v.set_jwks(jwks_of(a))  # the same keys: kept
+    check(v, token, R.TOKEN_EXPIRED, detail="cached reject")
+    v.set_jwks(jwks_of(b))  # the key is gone: the signature decides again
+    check(v, token, R.KEY_NOT_FOUND)
+    v.set_jwks(jwks_of(a, b))
+    check(v, token, R.TOKEN_EXPIRED, detail="exp")
+
+
+def test_not_yet_valid_remembered_then_accepted_after_nbf() -> None:
+    v = verifier(ES)
+    nbf = int(NOW) + 600
+    token = make_token(ES, default_claims(nbf=nbf, exp=int(NOW) + 3600))
+    before = _verify.signature_checks()
+    check(v, token, R.TOKEN_NOT_YET_VALID, detail="nbf")
+    check(v, token, R.TOKEN_NOT_YET_VALID, detail="cached reject")
+    # up to the last instant before nbf - skew: still answered from the negative cache
+    assert check(v, token, R.TOKEN_NOT_YET_VALID, now=nbf - SKEW - 0.5).cached
+    assert _verify.signature_checks() == before + 1
+    # once nbf - skew is reached the entry no longer holds: verified and accepted
+    ok = check(v, token, R.OK, now=nbf - SKEW)
+    assert not ok.cached and v.cache.negative_size == 0
+    assert check(v, token, R.OK, now=nbf).cached
+    assert _verify.signature_checks() == before + 2
+    # and past exp + skew it is expired, not "not yet valid"
+    check(v, token, R.TOKEN_EXPIRED, now=NOW + 3600 + SKEW)
+
+
+def test_future_iat_remembered_then_accepted() -> None:
+    v = verifier(ES)
+    iat = int(NOW) + 600
+    token = make_token(ES, default_claims(iat=iat, exp=iat + 600))
+    check(v, token, R.TOKEN_NOT_YET_VALID, detail="iat")
+    assert check(v, token, R.TOKEN_NOT_YET_VALID).cached
+    check(v, token, R.OK, now=iat - SKEW)
+
+
+def test_not_yet_valid_entry_never_outlives_exp() -> None:
+    # nbf after exp: not yet valid now, and expired by the time nbf comes
+    v = verifier(ES)
+    token = make_token(ES, default_claims(nbf=int(NOW) + 3600, exp=int(NOW) + 600))
+    check(v, token, R.TOKEN_NOT_YET_VALID, detail="nbf")
+    check(v, token, R.TOKEN_NOT_YET_VALID, detail="cached reject")
+    check(v, token, R.TOKEN_EXPIRED, now=NOW + 600 + SKEW, detail="exp")
+    check(v, token, R.TOKEN_EXPIRED, now=NOW + 600 + SKEW, detail="cached reject")
+
+
+def test_time_rejects_per_verifier_and_route() -> None:
+    cache = TokenCache(100)
+    lax = Verifier(ISSUER, [AUDIENCE], jwks=jwks_of(ES), cache=cache, clock_skew=3600)
+    strict = Verifier(ISSUER, [AUDIENCE], jwks=jwks_of(ES), cache=cache, clock_skew=0,
+                      name="strict")
+    token = make_token(ES, default_claims(exp=int(NOW) - 60))
+    check(strict, token, R.TOKEN_EXPIRED, detail="exp")
+    assert check(IssuerSet([strict], cache), token, R.TOKEN_EXPIRED).cached
+    check(lax, token, R.OK)  # another verifier (its skew): never the remembered reject
+    check(IssuerSet([lax], cache, audiences=["api://other"]), token, R.AUDIENCE_MISMATCH)
+    # the route's audiences are checked after the time window: same answer on any route
+    check(IssuerSet([strict], cache, audiences=["api://other"]), token, R.TOKEN_EXPIRED)
+
+
+def test_max_lifetime_rejects_are_not_remembered() -> None:
+    v = verifier(ES, max_lifetime=600)
+    no_iat = make_token(ES, default_claims(iat=None, exp=int(NOW) + 1200))
+    check(v, no_iat, R.TOKEN_EXPIRED, detail="max lifetime")
+    assert v.cache.negative_size == 0
+    check(v, no_iat, R.OK, now=NOW + 700)  # exp - now shrank below the limit
+
+
+def test_time_negative_cache_is_bounded_and_off_with_the_cache() -> None:
+    cache = TokenCache(100, negative_entries=4)
+    v = Verifier(ISSUER, [AUDIENCE], secret=HS.private, cache=cache)
+    for i in range(20):
+        check(v, make_token(HS, default_claims(exp=int(NOW) - 3600, jti=str(i))),
+              R.TOKEN_EXPIRED)
+        assert cache.negative_size <= 4
+    off = Verifier(ISSUER, [AUDIENCE], secret=HS.private, cache_size=0)
+    token = make_token(HS, default_claims(exp=int(NOW) - 3600))
+    check(off, token, R.TOKEN_EXPIRED, detail="exp")
+    assert not check(off, token, R.TOKEN_EXPIRED, detail="exp").cached

@@ -6,6 +6,7 @@
 --   WRK_OFFSET=0                 0-based index of the first token (default 0)
 --   WRK_THREADS=1                wrk's -t: thread k starts at OFFSET + k * (n / THREADS)
 --   WRK_RESULT=/path/out.json    where done() writes the machine-readable summary
+--   WRK_CLOSE=1                  send Connection: close (a new connection per request)
 -- Requests are pre-formatted once in init() so the per-request Lua cost is an index bump.
 
 local counter = 0
@@ -22,14 +23,21 @@ local i = 0
 function init(args)
    local path = os.getenv("WRK_TOKENS") or ""
    local target = os.getenv("WRK_PATH") or "/api/bench"
+   local close = (os.getenv("WRK_CLOSE") or "") ~= ""
+   local function headers(token)
+      local h = {}
+      if token then h["Authorization"] = "Bearer " .. token end
+      if close then h["Connection"] = "close" end
+      return h
+   end
    if path == "" then
       n = 1
-      requests[1] = wrk.format("GET", target)
+      requests[1] = wrk.format("GET", target, headers(nil))
    else
       for line in io.lines(path) do
          if #line > 0 then
             n = n + 1
-            requests[n] = wrk.format("GET", target, {["Authorization"] = "Bearer " .. line})
+            requests[n] = wrk.format("GET", target, headers(line))
          end
       end
    end

@@ -1,0 +1,219 @@
+"""TLS end-to-end benchmark: fastgate's TLS listener vs HAProxy 2.6 `bind ... ssl crt`.
+
+Two workloads, both with an ECDSA P-256 certificate (a throw-away CA made here) and the
+e2e harness' W1 tokens (1,000 valid RS256 tokens, reused), in front of the same nginx:
+
+  tls-W1   wrk keep-alive over TLS (-c64): the steady state of TLS clients
+  tls-new  every request on a new TLS connection (Connection: close; -c16): handshakes/s
+
+Each gateway runs alone on the target CPU; wrk and nginx share the load CPU (the e2e pinning),
+in interleaved rounds with the order rotated. Printed per target and workload: req/s (median
+of rounds), p99, the target's CPU µs per request (utime+stime from /proc), and the ratios the
+TLS issue's goals are stated in (tls-W1 >= 1.2x HAProxy req/s; tls-new >= 0.8x HAProxy).
+
+    python benchmarks/tls.py                 # 3 rounds x 6 s
+    python benchmarks/tls.py --rounds 5 --duration 8 --json benchmarks/out/tls.json
+
+Needs wrk (with TLS: Debian's is built with OpenSSL), haproxy, nginx; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import ssl
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import e2e
+
+WORKLOADS = ("tls-W1", "tls-new")
+GOALS = {"tls-W1": 1.2, "tls-new": 0.8}  # fastgate / HAProxy req/s
+
+
+def make_pki(d: Path) -> tuple[Path, Path, Path]:
+    """A CA and an ECDSA P-256 server certificate for 127.0.0.1: (cert, key, combined)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(1)
+          .not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    import ipaddress
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM) + \
+        ca.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    (d / "tls.crt").write_bytes(cert_pem)
+    (d / "tls.key").write_bytes(key_pem)
+    (d / "tls.pem").write_bytes(cert_pem + key_pem)  # HAProxy's crt: chain and key together
+    return d / "tls.crt", d / "tls.key", d / "tls.pem"
+
+
+def wait_tls(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    import socket
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with code {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s, \
+                    ctx.wrap_socket(s):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not answer TLS within {timeout:.0f}s")
+
+
+def start_targets(env: e2e.Env, cert: Path, key: Path, combined: Path
+                  ) -> dict[str, tuple[subprocess.Popen[bytes], int]]:
+    cpu = env.pin.target_cpu
+    out: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+    # fastgate: the e2e config with `tls` on the listener.
+    port = e2e.free_port()
+    cfg_path = e2e.write_fastgate_config(env, port, name="fastgate-tls")
+    config = yaml.safe_load(cfg_path.read_text())
+    config["tls"] = {"certificates": [{"cert": str(cert), "key": str(key)}]}
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    cmd = env.fastgate_cmd.format(config=shlex.quote(str(cfg_path)),
+                                  python=shlex.quote(sys.executable))
+    penv = dict(os.environ)
+    penv["PYTHONPATH"] = os.pathsep.join(filter(None, [str(e2e.REPO), penv.get("PYTHONPATH")]))
+    proc = env.procs.start("fastgate", [*env.pin.prefix(cpu), *shlex.split(cmd)],
+                           env.run_dir / "fastgate-tls.log", env=penv, cwd=e2e.REPO)
+    wait_tls(port, proc)
+    out["fastgate"] = (proc, port)
+    # HAProxy: the e2e jwt_verify frontend, its bind with TLS (ALPN http/1.1).
+    port = e2e.free_port()
+    cfg = e2e.render(e2e.PEERS / "haproxy.cfg", env.run_dir / "haproxy-tls.cfg",
+                     PORT=str(port), NGINX_PORT=str(env.nginx_port), PUBKEY=str(env.pubkey),
+                     ISSUER=e2e.ISSUER, AUDIENCE=e2e.AUDIENCE)
+    text = cfg.read_text().replace(f"bind 127.0.0.1:{port}",
+                                   f"bind 127.0.0.1:{port} ssl crt {combined} alpn http/1.1")
+    cfg.write_text(text)
+    proc = env.procs.start("haproxy", [*env.pin.prefix(cpu), "haproxy", "-f", str(cfg), "-db"],
+                           env.run_dir / "haproxy-tls.log")
+    wait_tls(port, proc)
+    out["haproxy"] = (proc, port)
+    return out
+
+
+def run_wrk(env: e2e.Env, port: int, tokens: Path, seconds: float, workload: str,
+            tag: str) -> dict[str, Any]:
+    result = env.run_dir / f"wrk-{tag}.json"
+    result.unlink(missing_ok=True)
+    close = workload == "tls-new"
+    wenv = dict(os.environ, WRK_TOKENS=str(tokens), WRK_PATH=e2e.PATH, WRK_RESULT=str(result),
+                WRK_OFFSET="0", WRK_THREADS="1", WRK_CLOSE="1" if close else "")
+    argv = [*env.pin.prefix(env.pin.load_cpu), "wrk", "-t1", f"-c{16 if close else 64}",
+            f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "10s",
+            "-s", str(e2e.WRK_SCRIPT), f"https://127.0.0.1:{port}{e2e.PATH}"]
+    done = subprocess.run(argv, env=wenv, capture_output=True, timeout=seconds + 60)
+    if done.returncode != 0 or not result.exists():
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.decode()[-400:]}")
+    data: dict[str, Any] = json.loads(result.read_text())
+    return data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--fastgate-cmd", default="{python} -m fastgate.cli run -c {config}")
+    args = parser.parse_args(argv)
+    if e2e.missing_tool("tls.py", ("wrk", "nginx", "haproxy")):
+        return 2
+    cache = (e2e.HERE / "out" / "e2e").resolve()
+    cache.mkdir(parents=True, exist_ok=True)
+    run_dir = cache / "runs" / f"tls-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    run_dir.mkdir(parents=True)
+    key = e2e.load_or_create_key(cache / "signing-key.pem")
+    tokens = e2e.token_files(key, cache)["W1"]
+    pubkey, jwks = e2e.public_files(key, run_dir)
+    pin = e2e.choose_pinning(args.no_pin)
+    procs = e2e.Procs()
+    env = e2e.Env(run_dir, pin, procs, e2e.free_port(), pubkey, jwks, args.fastgate_cmd)
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {}
+    try:
+        e2e.start_nginx(env, pin.load_cpu)
+        cert, keyf, combined = make_pki(run_dir)
+        targets = start_targets(env, cert, keyf, combined)
+        order = [(t, w) for w in WORKLOADS for t in targets]
+        for r in range(args.rounds):
+            for t, w in order[r % len(order):] + order[:r % len(order)]:
+                proc, port = targets[t]
+                pids = e2e.proc_tree(proc.pid)
+                before = e2e.cpu_ticks(pids)
+                data = run_wrk(env, port, tokens, args.duration, w, f"{t}-{w}-{r}")
+                after = e2e.cpu_ticks(pids)
+                ticks = sum(sum(after[p]) - sum(before.get(p, (0, 0))) for p in after)
+                n = max(1, data["requests"])
+                rows.setdefault((t, w), []).append({
+                    "rps": n / (data["duration_us"] / 1e6),
+                    "p99_ms": data["latency_us"]["p99"] / 1000,
+                    "cpu_us": ticks / os.sysconf("SC_CLK_TCK") * 1e6 / n,
+                    "errors": sum(data["errors"].values()),
+                })
+    finally:
+        procs.stop_all()
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rows.items()}
+    print(f"TLS benchmark {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{args.rounds} rounds x {args.duration:g}s, ECDSA P-256, W1 tokens")
+    print("| target | workload | req/s | p99 ms | CPU µs/req | errors |")
+    print("|---|---|---:|---:|---:|---:|")
+    for (t, w), m in sorted(med.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        print(f"| {t} | {w} | {m['rps']:,.0f} | {m['p99_ms']:.2f} | {m['cpu_us']:.1f} | "
+              f"{m['errors']:.0f} |")
+    print("| goal | per-round ratios | median | met |\n|---|---|---:|---|")
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                              "medians": {f"{t}:{w}": m for (t, w), m in med.items()}}
+    for w, goal in GOALS.items():
+        fg, hp = rows.get(("fastgate", w)), rows.get(("haproxy", w))
+        if not fg or not hp:
+            continue
+        ratios = [a["rps"] / b["rps"] for a, b in zip(fg, hp, strict=True)]
+        ratio = statistics.median(ratios)
+        report[f"{w}_ratio"] = ratio
+        print(f"| {w} fastgate/haproxy req/s >= {goal}x | "
+              f"{', '.join(f'{x:.2f}' for x in ratios)} | {ratio:.2f}x | "
+              f"{'yes' if ratio >= goal else '**NO**'} |")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
