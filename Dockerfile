@@ -20,7 +20,7 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # --- builder: compile the Cython hot path and collect every wheel ------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 
-# gcc + libc headers for the fastgate._verify extension (and any dependency without a
+# gcc + libc headers for the fastgate extensions (and any dependency without a
 # prebuilt wheel); the Python headers come with the python image.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc libc6-dev \
