@@ -295,7 +295,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
     return demo.main(port=args.port, duration=args.duration, as_json=args.json,
-                     workdir=args.dir, admin_port=args.admin_port)
+                     workdir=args.dir, admin_port=args.admin_port, tls=args.tls)
 
 
 def _parse_now(text: str) -> float:
@@ -401,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="stop by itself after this many seconds (default: until Ctrl-C)")
     demo.add_argument("--json", action="store_true",
                       help="print the URLs, tokens and commands as one JSON line")
+    demo.add_argument("--tls", action="store_true",
+                      help="serve the gateway over TLS with a throw-away CA; the curl lines "
+                           "use --cacert")
     demo.add_argument("--dir", help="where to write the config and the issuer key "
                                     "(default: a new temporary directory)")
     demo.set_defaults(func=cmd_demo)

@@ -136,6 +136,7 @@ class DemoRequest:
     expect_reason: str | None
     why: str
     method: str = "GET"
+    cacert: str | None = None  # --tls: the demo CA that signed the gateway's certificate
 
     @property
     def curl(self) -> str:
@@ -146,6 +147,8 @@ class DemoRequest:
         """With every value in ``variables`` (value -> shell variable name) as ``$NAME``."""
         # -i on rejects: the status line and WWW-Authenticate are the point.
         argv = ["curl", "-si" if self.expect_status >= 400 else "-s"]
+        if self.cacert is not None:
+            argv += ["--cacert", self.cacert]
         for name, value in self.headers:
             argv += ["-H", f"{name}: {value}"]
         argv.append(self.url)
@@ -154,7 +157,8 @@ class DemoRequest:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "title": self.title, "method": self.method, "url": self.url,
                 "headers": dict(self.headers), "expect_status": self.expect_status,
-                "expect_reason": self.expect_reason, "why": self.why, "curl": self.curl}
+                "expect_reason": self.expect_reason, "why": self.why, "curl": self.curl,
+                "cacert": self.cacert}
 
 
 @dataclass
@@ -372,7 +376,16 @@ def demo_tokens(key: DevKey, issuer: str, now: float) -> dict[str, str]:
     }
 
 
-def demo_requests(gateway: str, tokens: Mapping[str, str], api_key: str) -> list[DemoRequest]:
+def demo_requests(gateway: str, tokens: Mapping[str, str], api_key: str,
+                  cacert: str | None = None) -> list[DemoRequest]:
+    requests = _demo_requests(gateway, tokens, api_key)
+    for req in requests:
+        req.cacert = cacert
+    return requests
+
+
+def _demo_requests(gateway: str, tokens: Mapping[str, str], api_key: str
+                   ) -> list[DemoRequest]:
     def bearer(name: str) -> tuple[str, str]:
         return ("Authorization", f"Bearer {tokens[name]}")
 
@@ -431,9 +444,56 @@ class _Running:
         self.cleanups.clear()
 
 
+def write_demo_pki(directory: Path) -> tuple[Path, Path, Path]:
+    """``--tls``: a throw-away CA and an ECDSA P-256 certificate for 127.0.0.1 and localhost,
+    valid for a day: ``(ca.pem, gateway.crt, gateway.key)`` in ``directory`` (key 0600)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fastgate demo CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False,
+                                       False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)]))
+            .issuer_name(ca_name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            # RFC 6125 §6: clients match the name in subjectAltName, not in the CN.
+            .add_extension(x509.SubjectAlternativeName([
+                x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]),
+                critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_path, cert_path, key_path = (directory / "ca.pem", directory / "gateway.crt",
+                                    directory / "gateway.key")
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                               serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return ca_path, cert_path, key_path
+
+
 async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
                    as_json: bool = False, workdir: str | None = None,
-                   admin_port: int | None = None, out: IO[str] | None = None) -> int:
+                   admin_port: int | None = None, out: IO[str] | None = None,
+                   tls: bool = False) -> int:
     """Run the demo until a signal (or ``duration`` seconds after it is ready); 0 on success."""
     from fastgate.accesslog import AccessLog, RequestLogAdapter
     from fastgate.admin import AdminServer
@@ -484,6 +544,14 @@ async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
             api_key_sha256=hashlib.sha256(api_key.encode()).hexdigest(),
             client_id=PARTNER_CLIENT_ID,
         ))
+        cacert: str | None = None
+        if tls:
+            ca_path, cert_path, tls_key_path = write_demo_pki(directory)
+            cacert = str(ca_path)
+            with config_path.open("a") as f:
+                f.write(f"\n# --tls: a throw-away CA ({ca_path.name}) signed this certificate.\n"
+                        "tls:\n  certificates:\n"
+                        f"    - {{cert: {cert_path}, key: {tls_key_path}}}\n")
         config: GatewayConfig = load_config(config_path, os.environ)
 
         metrics = metrics_for(config)
@@ -499,7 +567,7 @@ async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
         admin_url = f"http://{HOST}:{admin.port}"
         await _wait_ready(admin_url + "/readyz", READY_TIMEOUT)
 
-        gateway_url = f"http://{HOST}:{gw_port}"
+        gateway_url = f"{'https' if tls else 'http'}://{HOST}:{gw_port}"
         tokens = demo_tokens(key, issuer, time.time())
         config_q = shlex.quote(str(config_path))
         info = DemoInfo(
@@ -508,7 +576,7 @@ async def run_demo(*, port: int = DEFAULT_PORT, duration: float | None = None,
             jwks_url=issuer + "/jwks", upstream_url=echo_url, admin_url=admin_url,
             config_path=str(config_path), key_path=str(key_path), workdir=str(directory),
             api_key=api_key, tokens=tokens,
-            requests=demo_requests(gateway_url, tokens, api_key),
+            requests=demo_requests(gateway_url, tokens, api_key, cacert),
             mint_command=(f"fastgate token --key {shlex.quote(str(key_path))} --iss {issuer} "
                           f"--aud {AUDIENCE} --scope orders:read --exp 10m sub=bob "
                           "'tenant={\"id\":\"globex\"}' 'roles=[\"reader\"]'"),
@@ -606,14 +674,14 @@ def _write_private(path: Path, data: bytes) -> None:
 
 
 def main(*, port: int = DEFAULT_PORT, duration: float | None = None, as_json: bool = False,
-         workdir: str | None = None, admin_port: int | None = None) -> int:
+         workdir: str | None = None, admin_port: int | None = None, tls: bool = False) -> int:
     """The `fastgate demo` entry: run on uvloop; 0 on a clean stop, 1 if it cannot start."""
     import uvloop
 
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(run_demo(port=port, duration=duration, as_json=as_json,
-                                       workdir=workdir, admin_port=admin_port))
+                                       workdir=workdir, admin_port=admin_port, tls=tls))
     except ConfigError as exc:  # a bug in the template: say what the loader said
         print(f"fastgate demo: the generated config is invalid: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import json
 import os
 import select
 import shlex
+import shutil
 import signal
 import socket
 import stat
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from fastgate.config import load_config
 
@@ -290,3 +292,44 @@ def test_demo_bad_arguments_are_one_line_errors(tmp_path: Path) -> None:
         assert len(p.stderr.strip().splitlines()) == 1, (args, p.stderr)
         assert p.stdout == "", args
     assert list(tmp_path.iterdir()) == []  # nothing was started, nothing left behind
+
+
+def test_demo_tls_serves_https_with_its_own_ca(tmp_path: Path) -> None:
+    """`fastgate demo --tls`: the gateway speaks TLS with a certificate from a throw-away CA
+    in the demo folder, and every printed curl line carries --cacert: run as printed (the
+    real curl), each answers the status it promises; without the CA the handshake fails."""
+    import ssl
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    with start_demo("--tls", "--duration", str(DURATION), "--json", "--port", "0",
+                    "--dir", str(tmp_path)) as proc:
+        try:
+            info = json.loads(read_line(proc))
+            assert info["gateway"].startswith("https://127.0.0.1:")
+            ca = tmp_path / "ca.pem"
+            assert ca.is_file()
+            assert stat.S_IMODE((tmp_path / "gateway.key").stat().st_mode) == 0o600
+            for req in info["requests"]:
+                assert req["cacert"] == str(ca)
+                argv = shlex.split(req["curl"])
+                assert argv[:4] in (["curl", "-s", "--cacert", str(ca)],
+                                    ["curl", "-si", "--cacert", str(ca)])
+                done = subprocess.run([*argv[:1], "-o", os.devnull, "-w", "%{http_code}",
+                                       *argv[1:]], capture_output=True, text=True,
+                                      timeout=30)
+                assert done.stdout == str(req["expect_status"]), (req["name"], done)
+
+            async def untrusted() -> str:
+                ctx = ssl.create_default_context()  # the system store: not the demo CA
+                try:
+                    async with aiohttp.ClientSession() as session, \
+                            session.get(info["gateway"] + "/public/hello", ssl=ctx):
+                        return "connected"
+                except aiohttp.ClientConnectorCertificateError:
+                    return "refused"
+
+            assert asyncio.run(untrusted()) == "refused"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
