@@ -1,5 +1,5 @@
 """The cost of metrics and of the access log: e2e workload W1 against one fastgate worker in
-three configurations plus an A/A control, interleaved.
+three configurations plus an A/A control, interleaved; OpenTelemetry spans in-process only.
 
     python benchmarks/ops_cost.py                         # 9 rounds x 6 s per configuration
     python benchmarks/ops_cost.py --rounds 5 --duration 6 --json benchmarks/out/ops-cost.json
@@ -150,6 +150,12 @@ def micro(run_dir: Path, n: int = 200_000) -> dict[str, float]:
     +1/-1, a token-cache hit, the upstream duration, the request's status and duration) on a
     real Metrics minus the same calls on the NullMetrics that ``metrics: false`` gives.
     ``access_log``: one line through AccessLog.log to a file, buffer flushes included.
+    ``otel`` (when the ``otel`` extra is installed): ``tracing.otel`` at sample 1.0, one span
+    per request through SpanSink.log plus its share of the batch export — the OTLP protobuf
+    encoding the exporter thread does — to a discarding exporter (no socket: the POST is the
+    collector's cost, not the gateway's, and would measure loopback noise); the processor is
+    flushed every 1,000 spans so none is dropped from a full queue. ``otel_unsampled``: the
+    same sink at sample 0, what every request not sampled pays.
     Deterministic where the e2e runs are noisy; it leaves out cache and allocator effects.
     """
     import timeit
@@ -180,7 +186,72 @@ def micro(run_dir: Path, n: int = 200_000) -> dict[str, float]:
                                            0.00091234, 0.00041234))
         access.flush()
     path.unlink(missing_ok=True)
-    return {"metrics": per_call(hooks(on)) - per_call(hooks(off)), "access_log": line}
+    out = {"metrics": per_call(hooks(on)) - per_call(hooks(off)), "access_log": line}
+    out.update(micro_otel())
+    return out
+
+
+class _Exchange:
+    """What SpanSink reads of fastgate._http.Exchange, for one admitted W1 request."""
+
+    method = "GET"
+    raw_path = "/api/bench"
+    traceparent = None
+    request_id = b"f1a2b3c4d5e6f7a8" + b"%016x" % 42
+    client = "127.0.0.1"
+    upstream_status = 200
+
+
+def micro_otel(n: int = 20_000, chunk: int = 1_000) -> dict[str, float]:
+    """µs per request of ``tracing.otel`` (see micro); {} without the otel extra."""
+    try:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+        from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+    except ImportError:
+        return {}
+    from fastgate.config import OtelConfig, TracingConfig
+    from fastgate.otel import SpanSink
+
+    class Discard(SpanExporter):  # type: ignore[misc]
+        def __init__(self, encode: bool) -> None:
+            self.encode = encode
+
+        def export(self, spans: Any) -> Any:
+            if self.encode:
+                encode_spans(spans).SerializeToString()  # what OTLPSpanExporter POSTs
+            return SpanExportResult.SUCCESS
+
+    request = _Exchange()
+    out: dict[str, float] = {}
+    # otel_request_path: without the encoding, i.e. what SpanSink.log itself costs the loop.
+    for key, sample, encode in (("otel", 1.0, True), ("otel_request_path", 1.0, False),
+                                ("otel_unsampled", 0.0, False)):
+        sink = SpanSink(TracingConfig(otel=OtelConfig(enabled=True, sample=sample)),
+                        exporter=Discard(encode), schedule_delay=60.0, max_queue=chunk)
+        best = float("inf")
+        try:
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(n // chunk):
+                    for _ in range(chunk):
+                        sink.log(request, route="bench", status=200, reason=None,
+                                 duration=0.00091234, upstream_latency=0.00041234)
+                    sink.force_flush()
+                best = min(best, time.perf_counter() - t0)
+        finally:
+            sink.shutdown()
+        out[key] = best / n * 1e6
+    return out
+
+
+def _otel_words(micro_us: dict[str, float], base_cpu: float | None = None) -> str:
+    if "otel" not in micro_us:
+        return "; otel span export: not measured (pip install 'fastgate[otel]')"
+    share = f" ({micro_us['otel'] / base_cpu * 100:.1f} %)" if base_cpu else ""
+    return (f"; one exported OpenTelemetry span (tracing.otel, sample 1.0, the export "
+            f"thread's protobuf encoding included) {micro_us['otel']:.2f} µs{share}, of which "
+            f"{micro_us['otel_request_path']:.2f} µs on the request path; an unsampled "
+            f"request {micro_us['otel_unsampled']:.2f} µs")
 
 
 def paired_ratios(v: Variant, ref: Variant, attr: str) -> list[float]:
@@ -259,7 +330,8 @@ def report(args: argparse.Namespace, env: e2e.Env, variants: list[Variant],
                f"{micro_us['metrics']:.2f} µs, one access-log line {micro_us['access_log']:.2f} "
                f"µs, i.e. {micro_us['metrics'] / base_cpu * 100:.1f} % and "
                f"{micro_us['access_log'] / base_cpu * 100:.1f} % of the {base_cpu:.0f} µs of "
-               f"gateway CPU a W1 request costs ({REFERENCE}, median).")
+               f"gateway CPU a W1 request costs ({REFERENCE}, median)"
+               + _otel_words(micro_us, base_cpu) + ".")
     out.append("")
     out.append("Per round req/s: " + "; ".join(
         f"{v.name} " + ", ".join(f"{x:,.0f}" for x in v.rps) for v in variants) + ".")
@@ -313,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         variants.append(Variant(CONTROL, False, False, "A/A control: bare again, own process"))
     micro_us = micro(run_dir)
     e2e.log(f"micro: metrics hooks {micro_us['metrics']:.2f} µs/request, access-log line "
-            f"{micro_us['access_log']:.2f} µs")
+            f"{micro_us['access_log']:.2f} µs" + _otel_words(micro_us))
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt

@@ -91,9 +91,13 @@ def build_verifier(provider: ProviderConfig, cache: TokenCache, max_token_bytes:
 
 def build_key_source(provider: ProviderConfig, verifier: Verifier, metrics: object | None) -> Any:
     """The seam to :mod:`fastgate.jwks` (static, file and remote key sources)."""
-    from fastgate import jwks
+    from fastgate import jwks, sharedkeys
 
     hooks = metrics if metrics is not None and hasattr(metrics, "fetch") else None
+    # A worker of N gets remote keys from the master (one fetch per host), see sharedkeys.
+    shared = sharedkeys.shared_source(provider, verifier, hooks)  # type: ignore[arg-type]
+    if shared is not None:
+        return shared
     return jwks.build_key_source(provider, verifier, metrics=hooks)  # type: ignore[arg-type]
 
 

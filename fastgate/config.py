@@ -242,6 +242,16 @@ class AccessLogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OtelConfig:
+    # OpenTelemetry span export (fastgate/otel.py; the `otel` extra). Off by default: it costs
+    # CPU per sampled request and sends request paths to a collector.
+    enabled: bool = False
+    sample: float = 0.01  # of the requests no incoming traceparent decides for (parent-based)
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"  # OTLP/HTTP (protobuf) traces URL
+    service_name: str = "fastgate"
+
+
+@dataclass(frozen=True, slots=True)
 class TracingConfig:
     # X-Request-Id: kept from a trusted_proxies peer, generated otherwise (absent, or sent by
     # anyone else); forwarded and in the access log.
@@ -249,6 +259,7 @@ class TracingConfig:
     # W3C Trace Context (traceparent): "pass" forwards a valid one; "create" also makes one
     # when it is absent or invalid.
     traceparent: Literal["pass", "create"] = "pass"
+    otel: OtelConfig = field(default_factory=OtelConfig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1505,8 +1516,34 @@ class _Walker:
             return d
         mode: str = self.opt(m, "traceparent", path, str(d.traceparent), self.choice,
                              options=("pass", "create"))
+        otel = self.otel(m["otel"], _key_path(path, "otel")) if "otel" in m else d.otel
         return TracingConfig(self.opt(m, "request_id", path, d.request_id, self.boolean),
-                             cast(Literal["pass", "create"], mode))
+                             cast(Literal["pass", "create"], mode), otel)
+
+    def otel(self, value: Any, path: str) -> OtelConfig:
+        d = OtelConfig()
+        m = self.mapping(value, path, _field_names(OtelConfig))
+        if m is None:
+            return d
+        endpoint = self.opt(m, "endpoint", path, d.endpoint, self.string)
+        parts = urlsplit(endpoint)
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError:
+            self.err(_key_path(path, "endpoint"), f"invalid port in {endpoint!r}")
+        # Plain http is allowed anywhere: spans carry no token (never the query string), and
+        # collectors usually listen on a sidecar or node-local address without TLS.
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+            self.err(_key_path(path, "endpoint"),
+                     f"must be an absolute http:// or https:// URL, got {endpoint!r}")
+        enabled = self.opt(m, "enabled", path, d.enabled, self.boolean)
+        if enabled and not _otel_installed():
+            # Said at load time, so `fastgate check` catches it before a deploy does.
+            self.err(_key_path(path, "enabled"), "needs the OpenTelemetry packages: "
+                                                 "pip install 'fastgate[otel]'")
+        return OtelConfig(enabled, self.opt(m, "sample", path, d.sample, self.fraction),
+                          endpoint,
+                          self.opt(m, "service_name", path, d.service_name, self.string))
 
     def access_log(self, value: Any, path: str) -> AccessLogConfig | None:
         m = self.mapping(value, path, _field_names(AccessLogConfig))
@@ -1517,6 +1554,17 @@ class _Walker:
             log_path = self.string(m["path"], f"{path}.path")
         return AccessLogConfig(self.opt(m, "enabled", path, True, self.boolean),
                                self.opt(m, "sample", path, 1.0, self.fraction), log_path)
+
+
+def _otel_installed() -> bool:
+    """Whether the `otel` extra's packages can be imported (looked up, not imported)."""
+    import importlib.util
+
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in (
+            "opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"))
+    except (ImportError, ValueError):  # a parent package missing or half-installed
+        return False
 
 
 def _field_names(cls: type) -> frozenset[str]:

@@ -62,13 +62,11 @@ Readiness: ``source.ready`` is "usable keys loaded now" (``verifier.key_count > 
 /readyz uses. The verifier answers ``jwks_unavailable`` (503) whenever its key set is empty:
 before the first successful fetch and after a max_stale drop alike.
 
-Workers (``workers > 1``): every worker process builds and runs its own key sources; nothing
-is shared between processes. The cost: up to N times the IdP traffic of one worker (N
-background refreshes per TTL, and up to N kid-triggered fetches per ``min_refresh_interval``),
-and workers may briefly disagree on the key set during a rotation (each catches up on its own
-first unknown-kid miss). The benefit: no shared state, no coordinator, no lock; a worker that
-restarts fetches on its own. For large N, raise ``min_refresh_interval`` or serve the JWKS
-from a file (``jwks_file``) maintained by a sidecar.
+Workers (``workers > 1``): remote sources run in the master only, once per host
+(fastgate/sharedkeys.py): it pushes every key set it installs or drops to the workers, whose
+:class:`~fastgate.sharedkeys.SharedKeySource` installs them and sends unknown kids to the
+master's :meth:`RemoteKeySource.refresh_for_kid` (one budget, one single-flight and one
+negative cache for the host). Static and file sources run in every worker.
 
 Metrics hooks (SPEC §7 ``fastgate_jwks_*``) go through a :class:`JwksMetrics` object; logging
 goes to ``fastgate.jwks``. Key material and whole documents are never logged; untrusted

@@ -333,6 +333,19 @@ def schema() -> J:
             "traceparent": {"enum": ["pass", "create"], "default": d.tracing.traceparent,
                             "description": "W3C traceparent: pass forwards a valid one; "
                                            "create also makes one when absent or invalid."},
+            "otel": _obj("OpenTelemetry span export over OTLP/HTTP (the fastgate[otel] "
+                         "extra); a change needs a restart.", {
+                "enabled": _bool("Export one SERVER span per sampled request.",
+                                 d.tracing.otel.enabled),
+                "sample": {"description": "Fraction of requests exported when no incoming "
+                                          "traceparent decides (parent-based sampling).",
+                           "default": d.tracing.otel.sample,
+                           **_env({"type": "number", "minimum": 0, "maximum": 1})},
+                "endpoint": {**_s("OTLP/HTTP traces URL (protobuf)."),
+                             "default": d.tracing.otel.endpoint},
+                "service_name": {**_s("The spans' service.name."),
+                                 "default": d.tracing.otel.service_name},
+            }),
         }),
         "metrics": _bool("Serve /metrics on the admin port.", d.metrics),
         "drain_timeout": _duration("SIGTERM: how long in-flight requests may finish.",

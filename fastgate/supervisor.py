@@ -74,7 +74,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final
 
-from fastgate.accesslog import AccessLog, RequestLogAdapter
+from fastgate.accesslog import AccessLog
 from fastgate.admin import AdminServer
 from fastgate.app import Gateway, compile_tables
 from fastgate.config import Address, GatewayConfig, load_config
@@ -87,6 +87,8 @@ from fastgate.metrics import (
     metrics_for,
     setup_multiprocess,
 )
+from fastgate.otel import request_sink
+from fastgate.sharedkeys import KeyClient, KeyHub, install_client, is_remote
 
 __all__ = ["RESTART_ONLY", "run", "worker_main"]
 
@@ -122,8 +124,11 @@ _SIGNAL_NAMES: Final = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "SIGINT"}
 # Messages (tuples; the first item is the kind).
 #   master -> worker: ("init", index, config, multiproc_dir | None)
 #                     ("reload", request_id, generation, config)
+#                     ("keys", source_id, jwks | None) | ("kid_answer", request_id, found)
 #   worker -> master: ("started", pid, port, ready) | ("failed", [errors])
 #                     ("ready", {provider: bool}) | ("reloaded", request_id, generation, errors)
+#                     ("kid", request_id, source_id, kid)
+# (the keys messages: fastgate/sharedkeys.py, one JWKS fetch per host)
 
 
 def run(config: GatewayConfig, *, workers: int | None = None,
@@ -306,8 +311,8 @@ async def _serve_single(config: GatewayConfig) -> int:
     try:
         gateway = Gateway.build(
             config, metrics=metrics, worker=0,
-            # No adapter when the log is off: not even a no-op call per request.
-            access_log=RequestLogAdapter(access) if access.enabled else None)
+            # None when the log and spans are off: not even a no-op call per request.
+            access_log=request_sink(config, access))
     except ConfigError as exc:
         _log_start_errors(config.source, exc.errors)
         await access.stop()
@@ -435,6 +440,9 @@ class _Master:
         self._serving = False  # every worker of the first start is up
         self._all_exited: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # The remote key sources of the whole host (sharedkeys): fetched here, pushed to all.
+        self.hub: KeyHub | None = None
+        self._kid_tasks: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -461,10 +469,14 @@ class _Master:
             self.config = replace(self.config, listen=listen, workers=self.n)
             if self.config.metrics:
                 self.multiproc_dir = setup_multiprocess(_private_dir(), clean=True)
-            # The reload counter lives here only. No providers: this process has no keys, and
-            # its 0 would drag the min-over-processes key gauge down.
-            self.metrics = Metrics(routes=(), providers=(), upstreams=(),
-                                   enabled=self.config.metrics)
+            # The reload counter lives here only, and the fetches of the remote providers
+            # (this process fetches for all workers). Only remote providers: this process
+            # has no static or file keys, and a 0 would drag the min-over-processes key
+            # gauge down; for a remote one its count is the one it pushes.
+            self.metrics = Metrics(routes=(), providers=_remote_names(self.config.providers),
+                                   upstreams=(), enabled=self.config.metrics)
+            self.hub = KeyHub(self._push, metrics=self.metrics)
+            await self.hub.prepare(self.config.providers.values())
             if self.config.admin is not None:
                 mdir = self.multiproc_dir
                 admin = AdminServer(
@@ -496,6 +508,8 @@ class _Master:
             self.stopping = True
             await reloader.cancel()
             await self._stop_workers(0.0)
+            if self.hub is not None:
+                await self.hub.stop()
             if admin is not None:
                 await admin.stop()
             if self._reserved is not None:
@@ -569,6 +583,9 @@ class _Master:
         slot.started_at = time.monotonic()
         with contextlib.suppress(OSError):  # it died already: the exit watcher handles it
             conn.send(("init", slot.index, self.config, self.multiproc_dir))
+            # The current key sets right behind: a (re)started worker fetches nothing.
+            for msg in self.hub.snapshot() if self.hub is not None else ():
+                conn.send(msg)
         loop.add_reader(conn.fileno(), self._on_message, slot)
         try:
             slot.pidfd = os.pidfd_open(proc.pid)
@@ -617,6 +634,11 @@ class _Master:
                           "\n".join(f"  {e}" for e in errors))
         elif kind == "ready":
             slot.ready = dict(msg[1])
+        elif kind == "kid":
+            assert self._loop is not None
+            task = self._loop.create_task(self._answer_kid(slot, *msg[1:]))
+            self._kid_tasks.add(task)
+            task.add_done_callback(self._kid_tasks.discard)
         elif kind == "reloaded":
             _kind, request_id, generation, errors = msg
             if not errors:
@@ -628,6 +650,21 @@ class _Master:
                 _log_reload_errors(self.config.source, list(errors), f" in worker {slot.index}")
         else:
             log.warning("worker %d: unknown message %r", slot.index, kind)
+
+    def _push(self, msg: tuple[Any, ...]) -> None:
+        """A key set change, to every worker (starting ones too: they read it after init)."""
+        for slot in self.slots:
+            if slot.conn is not None:
+                with contextlib.suppress(OSError):  # exiting: the exit watcher handles it
+                    slot.conn.send(msg)
+
+    async def _answer_kid(self, slot: _Slot, request_id: int, sid: str, kid: str) -> None:
+        assert self.hub is not None
+        conn = slot.conn
+        found = await self.hub.refresh_for_kid(sid, kid)
+        if slot.conn is conn and conn is not None:  # not a restarted worker's pipe
+            with contextlib.suppress(OSError):
+                conn.send(("kid_answer", request_id, found))
 
     def _on_exit(self, slot: _Slot) -> None:
         proc = slot.proc
@@ -748,10 +785,21 @@ class _Master:
             metrics.config_reload("failure")
             return
         generation = self.generation + 1
+        # New or changed remote providers start fetching here, before the workers switch
+        # (their new tables take the keys as they come); unchanged ones keep theirs.
+        hub = self.hub
+        assert hub is not None
+        metrics.reconfigure(routes=(), upstreams=(), providers=_remote_names(
+            {**self.config.providers, **new.providers}))
+        await hub.prepare(new.providers.values())
         targets = [s for s in self.slots if s.started and s.conn is not None]
         results = await self._broadcast(targets, new, generation)
         failed = {i: errs for i, (status, errs) in results.items()
                   if status in ("failed", "timeout")}
+        running = new if not failed else self.config
+        await hub.retain(running.providers.values())
+        metrics.reconfigure(routes=(), upstreams=(),
+                            providers=_remote_names(running.providers))
         if not failed:
             self.config, self.generation = new, generation
             metrics.config_reload("success")
@@ -816,6 +864,10 @@ class _Master:
             slot.reload_waiters.pop(request_id, None)
             waiter.set_result(("gone", []))
         return waiter
+
+
+def _remote_names(providers: Mapping[str, Any]) -> list[str]:
+    return [name for name, p in providers.items() if is_remote(p)]
 
 
 def _describe_exit(code: int) -> str:
@@ -918,6 +970,9 @@ class _Worker:
         self.gateway: Gateway | None = None
         self._stopping: asyncio.Future[str] | None = None
         self._inbox: asyncio.Queue[Any] = asyncio.Queue()
+        # Remote keys come from the master (sharedkeys): compile_tables builds shared sources.
+        self.keys = KeyClient(self._send)
+        install_client(self.keys)
 
     def _send(self, msg: tuple[Any, ...]) -> None:
         try:
@@ -935,10 +990,13 @@ class _Worker:
         config = self.config
         metrics = metrics_for(config)
         access = AccessLog(config.access_log, self.index)
+        # The key sets the master sent with init: installed when the sources start, so the
+        # first "started" already reports them ready.
+        self._on_readable(at_start=True)
         try:
             gateway = Gateway.build(
                 config, metrics=metrics, worker=self.index,
-                access_log=RequestLogAdapter(access) if access.enabled else None)
+                access_log=request_sink(config, access))
         except ConfigError as exc:
             self._send(("failed", exc.errors))
             await access.stop()
@@ -978,11 +1036,16 @@ class _Worker:
             self.conn.close()
         return 0
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, at_start: bool = False) -> None:
         try:
             while self.conn.poll():
-                self._inbox.put_nowait(self.conn.recv())
+                msg = self.conn.recv()
+                # Keys and kid answers at once: a reload in the inbox must not delay them.
+                if not self.keys.handle(msg):
+                    self._inbox.put_nowait(msg)
         except (EOFError, OSError):
+            if at_start:
+                return  # run() finds out with the reader (or the first send)
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self.conn.fileno())
             self._stop("the master went away")

@@ -31,12 +31,14 @@ from fastgate.config import (
     GatewayConfig,
     JwksCacheConfig,
     Limits,
+    OtelConfig,
     ProviderConfig,
     RouteConfig,
     RouteMatch,
     Timeouts,
     TlsCertificate,
     TlsConfig,
+    TracingConfig,
     UpstreamConfig,
     UpstreamTlsConfig,
     load_config,
@@ -211,7 +213,7 @@ def config_keys() -> set[str]:
     for cls in (GatewayConfig, Limits, CacheConfig, UpstreamConfig, JwksCacheConfig,
                 ProviderConfig, ApiKeysConfig, ApiKey, RouteConfig, RouteMatch, AuthConfig,
                 ApiKeyRule, AccessLogConfig, Timeouts, TlsConfig, TlsCertificate,
-                UpstreamTlsConfig):
+                UpstreamTlsConfig, TracingConfig, OtelConfig):
         keys |= {f.name for f in fields(cls)}
     keys -= {"source", "name", "key_source"}  # not keys (the name is the mapping key)
     keys |= {"name"}  # routes[].name is a key

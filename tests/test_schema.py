@@ -83,6 +83,7 @@ LOADER_KEYS: list[tuple[tuple[str, ...], set[str]]] = [
     (("cache",), _names(c.CacheConfig)),
     (("access_log",), _names(c.AccessLogConfig)),
     (("tracing",), _names(c.TracingConfig)),
+    (("tracing", "otel"), _names(c.OtelConfig)),
     (("tls",), _names(c.TlsConfig)),
     (("tls", "certificates", "[]"), _names(c.TlsCertificate)),
     (("upstreams", "*"), _names(c.UpstreamConfig, "name")),
