@@ -20,7 +20,6 @@ Needs wrk (with TLS: Debian's is built with OpenSSL), haproxy, nginx; loopback o
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import shlex
@@ -33,10 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -47,34 +42,13 @@ GOALS = {"tls-W1": 1.2, "tls-new": 0.8}  # fastgate / HAProxy req/s
 
 
 def make_pki(d: Path) -> tuple[Path, Path, Path]:
-    """A CA and an ECDSA P-256 server certificate for 127.0.0.1: (cert, key, combined)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(1)
-          .not_valid_before(now - datetime.timedelta(hours=1))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    import ipaddress
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM) + \
-        ca.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    (d / "tls.crt").write_bytes(cert_pem)
-    (d / "tls.key").write_bytes(key_pem)
-    (d / "tls.pem").write_bytes(cert_pem + key_pem)  # HAProxy's crt: chain and key together
-    return d / "tls.crt", d / "tls.key", d / "tls.pem"
+    """The demo's throw-away CA and ECDSA P-256 certificate for 127.0.0.1:
+    (cert, key, combined cert+key for HAProxy's ``crt``)."""
+    from fastgate.demo import write_demo_pki
+
+    _, cert, key = write_demo_pki(d)
+    (d / "tls.pem").write_bytes(cert.read_bytes() + key.read_bytes())
+    return cert, key, d / "tls.pem"
 
 
 def wait_tls(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
