@@ -4,7 +4,7 @@ cdef enum:
     PEER_BUSY = 1
     QUEUED = 2
     PENDING = 4
-    HIGH_WATER = 65536
+    HIGH_WATER = 65536  # write-buffer high-water mark of both legs (asyncio's default)
 
 cdef class ReadGate:
     cdef public object transport

@@ -2,13 +2,9 @@
 
 import asyncio
 
-HIGH_WATER_BYTES: int
-
 class ReadGate:
     transport: asyncio.Transport | None
     reasons: int
     def __init__(self, transport: asyncio.Transport | None = None) -> None: ...
     def pause(self, reason: int) -> None: ...
     def resume(self, reason: int) -> None: ...
-    @property
-    def paused(self) -> bool: ...

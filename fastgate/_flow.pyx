@@ -13,9 +13,6 @@ as bits (``PEER_BUSY``, ``QUEUED``, ``PENDING`` in ``_flow.pxd``) and touches th
 only on the first pause and the last resume.
 """
 
-#: Write-buffer high-water mark for both legs (asyncio's default is 64 KiB).
-HIGH_WATER_BYTES = HIGH_WATER
-
 
 cdef class ReadGate:
     """Pause/resume a transport's reading by reason bits (see the module docstring)."""
@@ -35,7 +32,3 @@ cdef class ReadGate:
         self.reasons &= ~reason
         if not self.reasons and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
-
-    @property
-    def paused(self):
-        return self.reasons != 0

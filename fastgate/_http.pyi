@@ -19,8 +19,6 @@ class Exchange:
     upstream_s: float | None
     @property
     def raw_path(self) -> str: ...
-    @property
-    def remote(self) -> str | None: ...
 
 class ClientProtocol(asyncio.Protocol):
     transport: asyncio.Transport | None

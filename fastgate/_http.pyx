@@ -29,6 +29,7 @@ never returned to the pool, and the bytes never reach a client.
 
 import asyncio
 import base64
+import collections
 import hashlib
 import hmac
 import ipaddress
@@ -56,7 +57,8 @@ from fastgate.responses import (
     NOT_FOUND, PAYLOAD_TOO_LARGE, REQUEST_TIMEOUT, SERVICE_UNAVAILABLE,
 )
 from fastgate.upstream import UpstreamError, retire
-from fastgate.wire import Wire
+from fastgate._verify import token_shape
+from fastgate.wire import CONNECTION_LINES, Wire
 
 log = logging.getLogger("fastgate.protocol")
 
@@ -66,9 +68,6 @@ cdef object HttpRequestParser = httptools.HttpRequestParser
 cdef object HttpResponseParser = httptools.HttpResponseParser
 cdef object REASON_OK = Reason.OK
 cdef object REASON_MISSING = Reason.TOKEN_MISSING
-cdef object REASON_AMBIGUOUS = Reason.TOKEN_AMBIGUOUS
-cdef object REASON_TOO_LARGE = Reason.TOKEN_TOO_LARGE
-cdef object REASON_MALFORMED = Reason.TOKEN_MALFORMED
 cdef object REASON_KEY_NOT_FOUND = Reason.KEY_NOT_FOUND
 cdef object REASON_JWKS_UNAVAILABLE = Reason.JWKS_UNAVAILABLE
 cdef object REASON_CERTIFICATE_MISMATCH = Reason.CERTIFICATE_MISMATCH
@@ -100,8 +99,6 @@ cdef bytes CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 cdef bytes CHUNK_END = b"0\r\n\r\n"
 cdef bytes CRLF = b"\r\n"
 cdef bytes SEP = b": "
-cdef bytes CLOSE_LINE = b"Connection: close\r\n"
-cdef bytes KEEP_ALIVE_LINE = b"Connection: keep-alive\r\n"
 # RFC 9112 §3.2 / RFC 3986 §3.2.2: Host = uri-host [ ":" port ] (reg-name, IPv4 or an IPv6
 # literal in brackets); a list, spaces or a userinfo part are not a Host.
 # A request id we keep from a trusted proxy: RFC 9110 §5.6.2 token characters, bounded.
@@ -248,10 +245,6 @@ cdef class Exchange:
         return self.url.decode("utf-8", "surrogateescape")
 
     @property
-    def remote(self):
-        return self.proto.peer
-
-    @property
     def client(self):
         """The peer, or from a trusted proxy the address it appended to X-Forwarded-For."""
         if self.proto.trusted and self.client_xff:
@@ -309,10 +302,7 @@ cdef class Exchange:
                 self.chunked_out = True  # RFC 9112 §7.1
                 parts.append(b"Transfer-Encoding: chunked\r\n")
         self.keep_alive = keep
-        if not keep:
-            parts.append(CLOSE_LINE)  # RFC 9112 §9.6
-        elif self.http10:
-            parts.append(KEEP_ALIVE_LINE)  # RFC 9112 §C.2.2
+        parts.append(CONNECTION_LINES[not keep][self.http10])  # RFC 9112 §9.6, §C.2.2
         parts.append(CRLF)
         self.out.append(b"".join(parts))
 
@@ -412,7 +402,7 @@ cdef class ClientProtocol:
         self.transport = None
         self.parser = HttpRequestParser(self)
         self.gate = ReadGate()
-        self.queue = __import__("collections").deque()
+        self.queue = collections.deque()
 
     # -- transport ---------------------------------------------------------------------------
 
@@ -784,7 +774,8 @@ cdef class ClientProtocol:
                     plane.authenticate_now(rt, hooks, auth_headers, qs)
                 if decided is None:
                     # Slow path: an unknown kid or a cold start (SPEC §5), or mode: all.
-                    ex.task = self.loop.create_task(_decide_later(self, ex, fwd, path, qs))
+                    ex.task = self.loop.create_task(_guarded(
+                        "slow auth path", _decide_later, self, ex, fwd, path, qs))
                     return
                 reason, claims, found = decided
                 if reason is not REASON_OK:
@@ -792,10 +783,6 @@ cdef class ClientProtocol:
                     return
                 if found is not None and len(found) == 1:
                     ex.token = found[0][1]
-            if rt.certificate_bound and claims is not None and \
-                    not self.bound_to_connection(claims):
-                self.reject(ex, REASON_CERTIFICATE_MISMATCH)
-                return
         self.admit(ex, fwd, path, qs, claims, found)
 
     cdef void trace(self, Exchange ex):
@@ -843,15 +830,9 @@ cdef class ClientProtocol:
         if value[:plen].lower() != prefix:
             return FA_GENERIC  # another scheme, or a bare "Bearer"
         token = value[plen:].decode("utf-8", "surrogateescape")
-        # TokenExtractor.check: shape only, no decoding.
-        if "," in token:
-            self.reject(ex, REASON_AMBIGUOUS)  # a folded list of credentials
-            return FA_DONE
-        if len(token) > rt.max_token_chars:
-            self.reject(ex, REASON_TOO_LARGE)
-            return FA_DONE
-        if not token or " " in token or "\t" in token:
-            self.reject(ex, REASON_MALFORMED)
+        reason = token_shape(token, rt.max_token_chars)  # TokenExtractor.check's rules
+        if reason is not REASON_OK:
+            self.reject(ex, reason)
             return FA_DONE
         began = monotonic()
         result = rt.issuer_set.verify(token)
@@ -904,11 +885,16 @@ cdef class ClientProtocol:
         self.reply(ex, rt.wires[reason], False)
 
     cdef void admit(self, Exchange ex, list fwd, str path, str qs, claims, found):
-        """Build the upstream request head and send it (RFC 9110 §7.6, RFC 9112 §3, §6)."""
+        """Build the upstream request head and send it (RFC 9110 §7.6, RFC 9112 §3, §6).
+        Both decision paths (at once and slow) end here, so the connection-level check of a
+        certificate-bound token is made here once."""
         cdef list parts
         cdef bytes name, value, peer, xfp
         rt = ex.rt
         t = ex.tables
+        if rt.certificate_bound and claims is not None and not self.bound_to_connection(claims):
+            self.reject(ex, REASON_CERTIFICATE_MISMATCH)
+            return
         if ex.content_length > t.max_body_bytes:
             self.reply(ex, W_TOO_LARGE, False)
             return
@@ -1027,7 +1013,8 @@ cdef class ClientProtocol:
         """Slow path: no warm connection; open one (or wait for a slot) in a task."""
         if ex.buffered > HIGH_WATER:
             self.gate.pause(PENDING)
-        ex.task = self.loop.create_task(_connect_then_send(self, ex, fresh))
+        ex.task = self.loop.create_task(_guarded(
+            "upstream connect", _connect_then_send, self, ex, fresh))
 
     # -- answers the gateway writes itself -----------------------------------------------------
 
@@ -1254,27 +1241,27 @@ cdef class ClientProtocol:
                 self.transport.abort()
 
 
-async def _decide_later(ClientProtocol proto, Exchange ex, list fwd, str path, str qs):
-    """The slow auth path (SPEC §5: an unknown kid, a cold start; or ``mode: all``)."""
+async def _guarded(str what, step, ClientProtocol proto, Exchange ex, *args):
+    """Run a slow-path step of ``ex`` (``step(proto, ex, *args)``, created here so a task
+    cancelled before it starts leaves no coroutine behind); a failure inside it answers
+    ``ex`` (internal_error), never leaves it hanging."""
     try:
-        await _decide_slowly(proto, ex, fwd, path, qs)
+        await step(proto, ex, *args)
     except Exception:
         if proto.active is ex:
             proto.internal_error(ex)
         else:
-            log.exception("slow auth path failed")
+            log.exception("%s failed", what)
 
 
-async def _decide_slowly(ClientProtocol proto, Exchange ex, list fwd, str path, str qs):
+async def _decide_later(ClientProtocol proto, Exchange ex, list fwd, str path, str qs):
+    """The slow auth path (SPEC §5: an unknown kid, a cold start; or ``mode: all``)."""
     rt = ex.rt
     t = ex.tables
     reason, claims, found = await proto.plane.authenticate(rt, t.hooks, ex.auth_headers, qs)
     ex.task = None
     if proto.active is not ex:
         return  # the client went away meanwhile
-    if reason is REASON_OK and rt.certificate_bound and claims is not None and \
-            not proto.bound_to_connection(claims):
-        reason = REASON_CERTIFICATE_MISMATCH
     if reason is not REASON_OK:
         proto.reject(ex, reason)
     else:
@@ -1285,16 +1272,6 @@ async def _decide_slowly(ClientProtocol proto, Exchange ex, list fwd, str path, 
 
 async def _connect_then_send(ClientProtocol proto, Exchange ex, bint fresh):
     """Open an upstream connection (or wait for a pool slot), then send."""
-    try:
-        await _connect_and_send(proto, ex, fresh)
-    except Exception:
-        if proto.active is ex:
-            proto.internal_error(ex)
-        else:
-            log.exception("upstream connect path failed")
-
-
-async def _connect_and_send(ClientProtocol proto, Exchange ex, bint fresh):
     pool = ex.rt.pool
     try:
         conn = await pool.acquire(fresh)

@@ -241,3 +241,5 @@ def verify_jws(
     every token). A single JWK without ``kid`` is used whatever the token's kid; in a JWKS the
     kid must match. Never raises for a bad token; ValueError for a ``jwk_or_jwks`` that is not
     a JSON object or a bad ``algorithms``."""
+
+def token_shape(token: str, max_chars: int) -> Reason: ...

@@ -205,6 +205,20 @@ NEGATIVE_CACHE_ENTRIES = 4096
 cdef unsigned long long _SIG_OPS = 0
 
 
+def token_shape(str token, Py_ssize_t max_chars):
+    """Shape checks on one extracted credential, before any decoding (the one
+    implementation: fastgate.extract.TokenExtractor.check and the data plane's fast path
+    both call it): a folded list of credentials (``,``) is token_ambiguous; longer than
+    ``max_chars`` token_too_large; empty or with a space or tab token_malformed."""
+    if "," in token:
+        return _REASONS[R_TOKEN_AMBIGUOUS]
+    if len(token) > max_chars:
+        return _REASONS[R_TOKEN_TOO_LARGE]
+    if not token or " " in token or "\t" in token:
+        return _REASONS[R_TOKEN_MALFORMED]
+    return _REASONS[R_OK]
+
+
 def signature_checks():
     """Signature verifications this process has run (tests and benchmarks only)."""
     return _SIG_OPS

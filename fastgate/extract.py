@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 from urllib.parse import unquote_plus
 
+from fastgate._verify import token_shape
 from fastgate.config import DEFAULT_TOKEN_FROM, TokenSource
 from fastgate.reasons import Reason
 
@@ -180,13 +181,7 @@ class TokenExtractor:
 
     def check(self, token: str) -> Reason:
         """Shape checks on one extracted credential (no decoding)."""
-        if "," in token:
-            return Reason.TOKEN_AMBIGUOUS  # a folded list of credentials
-        if len(token) > self.max_token_bytes:
-            return Reason.TOKEN_TOO_LARGE
-        if not token or " " in token or "\t" in token:
-            return Reason.TOKEN_MALFORMED
-        return Reason.OK
+        return token_shape(token, self.max_token_bytes)
 
     def extract(self, headers: HeaderSource,
                 query_string: str = "") -> tuple[Reason, str | None, int]:

@@ -194,9 +194,9 @@ class RouteRuntime:
         self.fast_header: bytes | None = \
             single.name.lower().encode("latin-1") if fast and single is not None else None
         self.fast_prefix: bytes = single.prefix.encode("latin-1") if fast and single else b""
-        self.max_token_chars: int = extractor.max_token_bytes if extractor is not None else 0
         # Claim headers are a function of the verified token alone: remembered per token
         # (bounded; cleared when full) so a cached token's headers are not re-encoded.
+        self.max_token_chars: int = extractor.max_token_bytes if extractor is not None else 0
         self.claim_cache: dict[str, bytes] = {}
 
 

@@ -802,11 +802,8 @@ class UpstreamPool:
 
     async def _acquire(self, fresh: bool = False) -> _Conn:
         while True:
-            if not fresh:
-                while self._idle:
-                    conn = self._idle.pop()
-                    if not conn.dead:
-                        return conn
+            if not fresh and (idle := self.take_idle()) is not None:
+                return idle
             if self._count < self._max:
                 self._count += 1
                 return await self._connect()

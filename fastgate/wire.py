@@ -15,8 +15,12 @@ from typing import Final
 
 from fastgate.responses import Canned
 
-_CLOSE: Final = b"Connection: close\r\n"
-_KEEP_ALIVE: Final = b"Connection: keep-alive\r\n"
+# RFC 9112 §9.3 / §9.6: HTTP/1.1 persists unless "close"; HTTP/1.0 only when told
+# (§C.2.2). Indexed [close][http10]; the compiled relay reads the table directly.
+CONNECTION_LINES: Final = (
+    (b"", b"Connection: keep-alive\r\n"),
+    (b"Connection: close\r\n", b"Connection: close\r\n"),
+)
 _date_second = -1
 _date_line = b""
 
@@ -32,10 +36,8 @@ def date_line() -> bytes:
 
 
 def connection_line(close: bool, http10: bool) -> bytes:
-    """RFC 9112 §9.3 / §9.6: HTTP/1.1 persists unless ``close``; HTTP/1.0 only when told."""
-    if close:
-        return _CLOSE
-    return _KEEP_ALIVE if http10 else b""
+    """The connection field of a response (see ``CONNECTION_LINES``)."""
+    return CONNECTION_LINES[close][http10]
 
 
 def reason_phrase(status: int) -> str:
@@ -66,4 +68,4 @@ class Wire:
                          b"" if head_only else self.body))
 
 
-__all__ = ["Wire", "connection_line", "date_line", "reason_phrase"]
+__all__ = ["CONNECTION_LINES", "Wire", "connection_line", "date_line", "reason_phrase"]
