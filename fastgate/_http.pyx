@@ -185,10 +185,6 @@ cdef class RequestHeaders:
             return default
         return [v.decode("utf-8", "surrogateescape") for v in values]
 
-    def get(self, str key):
-        values = self._map.get(key.lower().encode("latin-1"))
-        return values[0].decode("utf-8", "surrogateescape") if values else None
-
     def __contains__(self, key):
         return isinstance(key, str) and key.lower().encode("latin-1") in self._map
 
