@@ -5,6 +5,7 @@ and each target's own CPU time per request, over interleaved rounds with an A/A 
     python benchmarks/e2e.py --quick                      # smoke check, < 2 minutes
     python benchmarks/e2e.py --json benchmarks/out/e2e.json   # the full run (5 rounds x 8 s)
     python benchmarks/e2e.py --targets fastgate,haproxy --workloads W1,W2 --rounds 3
+    python benchmarks/e2e.py --targets fastgate --workloads W4,W4-redis --controls none
 
 Workloads (RS256, one key):
   W1    1,000 valid tokens, reused: a gateway's steady state, its token cache hits
@@ -16,6 +17,17 @@ Workloads (RS256, one key):
   W3    1,000 tokens with bad signatures, replayed (every request must get 401)
   open  no token: fastgate's `auth: none` route (/open/) vs HAProxy plain proxying (a second
         frontend in the same HAProxy process, no JWT rules)
+  W4    DPoP (issue 11, fastgate only, its own gateway process): 1,000 ES256 access tokens
+        bound to 1,000 client P-256 keys (cnf.jkt), `Authorization: DPoP` and a fresh ES256
+        proof on every request (route `dpop: {mode: required, max_age: 300s}`, in-process
+        replay store). wrk cannot sign: before every run the harness writes rate x duration x
+        1.3 proofs (fresh iat, unique jti; the rate from the unit's previous run) and
+        benchmarks/wrk/dpop.lua sends each once, every wrk thread its own slice. Reported
+        against W1 of the same run, with the goal CPU(W4) <= CPU(W1) + 1.15 x the ES256
+        verify floor (benchmarks/verify.py's floor, measured on the target CPU before the
+        rounds). Selecting W4 also measures W1 on fastgate.
+  W4-redis  W4 with `replay_store.redis` on a redis-server this harness starts on a loopback
+        port (on the load CPU, as an external service): the added p50/p99 against W4.
 
 Method. Every target process is started once and they run side by side, each alone on the
 target CPU (idle ones cost nothing measurable); wrk (-t1 -c64 by default) and the nginx
@@ -47,6 +59,7 @@ import datetime as dt
 import fcntl
 import http.client
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -66,7 +79,7 @@ from typing import Any
 
 import yaml
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -89,7 +102,20 @@ WORKLOADS = {  # the token sets: name -> (file, count, description, expected sta
 }
 OPEN = "open"
 OPEN_DESC = "no token: fastgate `auth: none` route vs HAProxy plain proxying"
-ALL_WORKLOADS = (*WORKLOADS, OPEN)
+DPOP_WORKLOADS = {  # issue 11, fastgate only: name -> description
+    "W4": "1,000 DPoP-bound ES256 tokens (cnf.jkt, 1,000 client P-256 keys), a fresh ES256 "
+          "proof per request, in-process replay store",
+    "W4-redis": "W4 with `replay_store.redis` (redis-server on loopback, on the load CPU)",
+}
+ALL_WORKLOADS = (*WORKLOADS, OPEN, *DPOP_WORKLOADS)
+DPOP_SCRIPT = HERE / "wrk" / "dpop.lua"
+DPOP_TOKENS = 1_000
+DPOP_MAX_AGE = 300  # the W4 route's dpop.max_age, seconds
+DPOP_KID = "bench-es256"
+PROOF_MARGIN = 1.3  # proofs per run = rate x duration x this
+PROOF_MIN_RPS = 10_000  # proofs are made for at least this rate (a shared machine's W4 rate
+# swings 2x between rounds; a proof is ~35 µs to make on 2 CPUs, one left unused costs nothing)
+DPOP_GOAL = 1.15  # CPU(W4) <= CPU(W1) + DPOP_GOAL x the ES256 verify floor (issue 11)
 TARGETS = ("direct", "fastgate", "haproxy", "naive")
 LOAD_BOUND = 0.9  # a target using less of its CPU than this was not the bottleneck
 AA = "~aa"  # suffix of an A/A control's target name: "fastgate~aa" is a second fastgate
@@ -178,6 +204,237 @@ def token_files(key: rsa.RSAPrivateKey, run_dir: Path) -> dict[str, Path]:
     meta_path.write_text(json.dumps({"key": fingerprint, "exp": now + TOKEN_TTL}))
     log(f"minted in {time.monotonic() - t0:.1f}s")
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# W4: DPoP-bound tokens and their proofs (fastgate.devtoken: make_dpop_proof, jwk_thumbprint)
+# ---------------------------------------------------------------------------------------------
+
+
+def _devtoken() -> Any:
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import fastgate.devtoken as devtoken
+
+    return devtoken
+
+
+@dataclass
+class DpopSet:
+    """W4's tokens: ``tokens[k]`` is bound (cnf.jkt) to ``clients[k]``."""
+    jwks: Path  # the ES256 issuer's JWKS document
+    tokens_path: Path  # one access token per line
+    tokens: list[str]
+    clients: list[Any]  # EC P-256 private keys
+
+
+def make_dpop_set(run_dir: Path) -> DpopSet:
+    """A fresh ES256 issuer, 1,000 client keys and a bound access token for each (< 1 s)."""
+    devtoken = _devtoken()
+    issuer = devtoken.generate_key("ES256", kid=DPOP_KID)
+    jwks = run_dir / "jwks-es256.json"
+    jwks.write_text(json.dumps({"keys": [issuer.public_jwk()]}, indent=1))
+    now = int(time.time())
+    clients, tokens = [], []
+    for k in range(DPOP_TOKENS):
+        client = ec.generate_private_key(ec.SECP256R1())
+        jkt = devtoken.jwk_thumbprint(devtoken.DevKey(client, "ES256").public_jwk())
+        tokens.append(devtoken.mint(issuer, {
+            "iss": ISSUER, "aud": AUDIENCE, "sub": f"w4-user-{k}", "nbf": now - 60,
+            "scope": "bench:read", "cnf": {"jkt": jkt}}, lifetime=TOKEN_TTL, now=now))
+        clients.append(client)
+    path = run_dir / "w4-tokens.txt"
+    path.write_text("".join(t + "\n" for t in tokens))
+    return DpopSet(jwks, path, tokens, clients)
+
+
+_PROOF_JOB: tuple[DpopSet, str] | None = None  # what the forked proof writers sign
+
+
+def _proof_chunk(span: tuple[int, int]) -> str:
+    assert _PROOF_JOB is not None
+    dset, htu = _PROOF_JOB
+    make = _devtoken().make_dpop_proof
+    out = []
+    for i in range(*span):
+        k = i % DPOP_TOKENS
+        proof = make(dset.clients[k], htm="GET", htu=htu, access_token=dset.tokens[k])
+        out.append(f"{k} {proof}\n")
+    return "".join(out)
+
+
+def write_proofs(dset: DpopSet, htu: str, count: int, path: Path) -> float:
+    """``count`` proofs ("<token index> <proof>" lines; proof i for token i mod 1,000), signed
+    on every CPU (the gateway is idle meanwhile); the seconds it took."""
+    global _PROOF_JOB
+    _PROOF_JOB = (dset, htu)
+    t0 = time.monotonic()
+    workers = max(1, min(os.cpu_count() or 1, 4))
+    step = max(1000, -(-count // (workers * 8)))
+    spans = [(s, min(s + step, count)) for s in range(0, count, step)]
+    pool = multiprocessing.get_context("fork").Pool(workers, initializer=_proof_worker_init)
+    try:
+        with open(path, "w") as f:
+            for chunk in pool.imap(_proof_chunk, spans):
+                f.write(chunk)
+        pool.close()
+    finally:
+        _PROOF_JOB = None
+        pool.terminate()  # at once, after close: the workers have exited; on an error: stop them
+        pool.join()
+    return time.monotonic() - t0
+
+
+def _proof_worker_init() -> None:
+    # A forked writer inherits main()'s SIGTERM handler (raise KeyboardInterrupt): restore the
+    # default, and leave Ctrl-C to the harness, which stops the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def dpop_htu(port: int, path: str = PATH) -> str:
+    """What the gateway expects in htu: no external_url, so scheme from the listener's TLS
+    state (plain here) + the Host wrk and http.client send + the path."""
+    return f"http://127.0.0.1:{port}{path}"
+
+
+def sample_dpop(port: int, dset: DpopSet, n: int = 20, path: str = PATH) -> dict[str, int]:
+    """Sanity of a W4 gateway: ``n`` fresh proofs must get 200, and DPoP must really be
+    enforced (else W4 measures nothing): a replayed proof, a bound token sent as Bearer and a
+    DPoP token without a proof must each get 401. Keys: "fresh 200", "replay 401", ..."""
+    make = _devtoken().make_dpop_proof
+    htu = dpop_htu(port, path)
+    counts: dict[str, int] = {}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    cases: list[tuple[str, dict[str, str]]] = []
+    for k in range(n):
+        tok = dset.tokens[k]
+        cases.append(("fresh", {"Authorization": f"DPoP {tok}", "DPoP": make(
+            dset.clients[k], htm="GET", htu=htu, access_token=tok)}))
+    cases.append(("replay", cases[0][1]))
+    cases.append(("bearer", {"Authorization": f"Bearer {dset.tokens[1]}"}))
+    cases.append(("no-proof", {"Authorization": f"DPoP {dset.tokens[2]}"}))
+    cases.append(("wrong-htu", {"Authorization": f"DPoP {dset.tokens[3]}", "DPoP": make(
+        dset.clients[3], htm="GET", htu=htu + "x", access_token=dset.tokens[3])}))
+    try:
+        for name, headers in cases:
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            resp.read()
+            key = f"{name} {resp.status}"
+            counts[key] = counts.get(key, 0) + 1
+            if resp.will_close:
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    finally:
+        conn.close()
+    return counts
+
+
+DPOP_SAMPLE_EXPECTED = ("fresh 200", "replay 401", "bearer 401", "no-proof 401",
+                        "wrong-htu 401")
+
+
+def start_redis(env: Env) -> tuple[subprocess.Popen[bytes], int]:
+    """A throw-away redis-server on a loopback port, on the load CPU (an external service, as
+    the upstream is), no persistence."""
+    port = free_port()
+    base = env.run_dir / "redis"
+    base.mkdir(exist_ok=True)
+    argv = [*env.pin.prefix(env.pin.load_cpu), "redis-server", "--bind", "127.0.0.1",
+            "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(base),
+            "--protected-mode", "yes", "--loglevel", "warning"]
+    proc = env.procs.start("redis", argv, base / "redis.log")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port),
+                                                                    timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if sock.recv(64).startswith(b"+PONG"):
+                return proc, port
+        time.sleep(0.1)
+    env.procs.stop(proc)
+    raise SkipTarget(f"redis-server did not answer on 127.0.0.1:{port}: "
+                     f"{tail(base / 'redis.log', 3)}")
+
+
+def es256_floor_child(seconds: float = 1.5, slices: int = 15) -> None:
+    """Prints {"median_us", "best_us", "source"}: the ES256 verify floor of
+    benchmarks/verify.py (the raw `cryptography` verify of pre-decoded ES256 JWS, per CPU
+    second of the thread, in interleaved slices), run on the CPU the caller pinned it to.
+
+    verify.py's own floor_fn/measure when it imports (it needs PyJWT, joserfc, jwcrypto);
+    else the same method inline."""
+    try:
+        sys.path.insert(0, str(HERE))
+        sys.path.insert(0, str(REPO))
+        import verify as vb  # type: ignore[import-not-found]
+
+        from tests.factory import generate
+
+        key = generate("ES256")
+        floor, prep = vb.floor_fn(key)
+        cases = [vb.Case("ES256", "floor", floor,
+                         [prep(t) for t in vb.mint(key, vb.MISS_TOKENS, time.time())])]
+        measure = vb.measure
+        source = "benchmarks/verify.py floor_fn + measure"
+    except (ImportError, SystemExit):
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+        devtoken = _devtoken()
+        dkey = devtoken.generate_key("ES256")
+        pub = dkey.private.public_key()
+        prepared = []
+        for i in range(5000):
+            tok = devtoken.mint(dkey, {"iss": ISSUER, "aud": AUDIENCE, "sub": f"user-{i:08d}",
+                                       "jti": f"{i:032x}", "scope": "orders:read"})
+            si, _, sig = tok.rpartition(".")
+            raw = base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4))
+            prepared.append((si.encode(), encode_dss_signature(
+                int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))))
+        sig_alg = ec.ECDSA(hashes.SHA256())
+
+        class _Case:
+            def __init__(self) -> None:
+                self.pos = 0
+                self.tokens = prepared
+
+            @staticmethod
+            def fn(x: tuple[bytes, bytes]) -> None:
+                pub.verify(x[1], x[0], sig_alg)
+
+        def measure(case: Any, secs: float) -> float:  # benchmarks/verify.py's measure()
+            fn, tokens, i, done = case.fn, case.tokens, case.pos, 0
+            start = time.thread_time()
+            while True:
+                for _ in range(200):
+                    fn(tokens[i])
+                    i = (i + 1) % len(tokens)
+                done += 200
+                now = time.thread_time()
+                if now >= start + secs:
+                    case.pos = i
+                    return done / (now - start)
+
+        cases = [_Case()]
+        source = "benchmarks/verify.py's floor method, inline (its peers are not installed)"
+    rates = [measure(cases[0], seconds / slices) for _ in range(slices)]
+    print(json.dumps({"median_us": 1e6 / statistics.median(rates), "best_us": 1e6 / max(rates),
+                      "source": source, "seconds": seconds, "slices": slices}))
+
+
+def es256_floor(env: Env) -> dict[str, Any]:
+    """es256_floor_child in a fresh interpreter on the target CPU, the machine otherwise idle."""
+    code = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import e2e; "
+            "e2e.es256_floor_child()")
+    out = subprocess.run([*env.pin.prefix(env.pin.target_cpu), sys.executable, "-c", code],
+                         capture_output=True, timeout=300, cwd=REPO)
+    if out.returncode != 0:
+        raise RuntimeError(f"ES256 floor failed: {out.stderr.decode()[-400:]}")
+    data: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -309,6 +566,9 @@ class Env:
     jwks: Path
     fastgate_cmd: str
     upstream: subprocess.Popen[bytes] | None = None  # the nginx upstream, once started
+    dpop: DpopSet | None = None  # W4's tokens and client keys, when W4 runs
+    redis: subprocess.Popen[bytes] | None = None  # W4-redis's replay store, when it runs
+    redis_port: int | None = None
 
 
 def start_nginx(env: Env, cpu: str | None, *, port: int | None = None,
@@ -338,14 +598,22 @@ class SkipTarget(Exception):
 
 def write_fastgate_config(env: Env, port: int, *, admin_port: int | None = None,
                           cache_entries: int | None = None, open_route: bool = False,
-                          name: str = "fastgate") -> Path:
+                          name: str = "fastgate", variant: str | None = None) -> Path:
     """SPEC §2 config: one provider (jwks_file), one route injecting X-User-Id from `sub`.
 
     ``open_route`` (the e2e gateways): the JWT route matches /api/ and an `auth: none` route
-    /open/ follows it; ``cache_entries`` sets ``cache.max_entries`` (default: SPEC's)."""
+    /open/ follows it; ``cache_entries`` sets ``cache.max_entries`` (default: SPEC's).
+    ``variant`` W4: the provider is W4's ES256 issuer and the route has
+    ``dpop: {mode: required, max_age: 300s}``; W4-redis: also ``replay_store.redis``."""
     bench: dict[str, Any] = {
         "name": "bench", "match": {"path_prefix": "/"}, "upstream": "nginx",
         "auth": {"providers": ["bench"], "claim_headers": {"X-User-Id": "sub"}}}
+    provider: dict[str, Any] = {"issuer": ISSUER, "jwks_file": str(env.jwks),
+                                "audiences": [AUDIENCE], "algorithms": ["RS256"]}
+    if variant is not None:
+        assert env.dpop is not None
+        provider.update(jwks_file=str(env.dpop.jwks), algorithms=["ES256"])
+        bench["auth"]["dpop"] = {"mode": "required", "max_age": f"{DPOP_MAX_AGE}s"}
     routes = [bench]
     if open_route:
         bench["match"] = {"path_prefix": "/api/"}
@@ -359,12 +627,15 @@ def write_fastgate_config(env: Env, port: int, *, admin_port: int | None = None,
         "access_log": {"enabled": False},
         "upstreams": {"nginx": {"url": f"http://127.0.0.1:{env.nginx_port}",
                                 "connect_timeout": "2s", "read_timeout": "30s"}},
-        "providers": {"bench": {"issuer": ISSUER, "jwks_file": str(env.jwks),
-                                "audiences": [AUDIENCE], "algorithms": ["RS256"]}},
+        "providers": {"bench": provider},
         "routes": routes,
     }
     if cache_entries is not None:
         config["cache"] = {"max_entries": cache_entries}
+    if variant == "W4-redis":
+        assert env.redis_port is not None
+        config["replay_store"] = {"redis": {"url": f"redis://127.0.0.1:{env.redis_port}/0",
+                                            "key_prefix": f"fgbench-{os.getpid()}:"}}
     path = env.run_dir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -380,10 +651,18 @@ class Instance:
     port: int
     open_port: int | None = None  # where the `open` workload goes (HAProxy: its plain frontend)
     admin_port: int | None = None  # fastgate's /metrics
+    dpop: DpopSet | None = None  # a W4 gateway: its tokens and client keys
+
+    @property
+    def dpop_tokens(self) -> Path | None:
+        return self.dpop.tokens_path if self.dpop is not None else None
+
+
+DPOP_INSTANCE = {"W4": "fastgate-w4", "W4-redis": "fastgate-w4-redis"}
 
 
 def start_instance(env: Env, target: str, name: str, *, cache_entries: int | None = None,
-                   ) -> Instance:
+                   variant: str | None = None) -> Instance:
     """Start one target process on the target CPU. Raises SkipTarget."""
     cpu = env.pin.target_cpu
     port = free_port()
@@ -422,7 +701,7 @@ def start_instance(env: Env, target: str, name: str, *, cache_entries: int | Non
         admin_port = free_port()
         cfg_path = write_fastgate_config(env, port, admin_port=admin_port,
                                          cache_entries=cache_entries, open_route=True,
-                                         name=name.replace("~", "-"))
+                                         name=name.replace("~", "-"), variant=variant)
         cmd = env.fastgate_cmd.format(config=shlex.quote(str(cfg_path)),
                                       python=shlex.quote(sys.executable))
         argv = [*env.pin.prefix(cpu), *shlex.split(cmd)]
@@ -432,6 +711,11 @@ def start_instance(env: Env, target: str, name: str, *, cache_entries: int | Non
         penv["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), penv.get("PYTHONPATH")]))
         desc = ("fastgate, workers: 1, metrics on, access log off, cache "
                 + (f"max_entries {cache_entries}" if cache_entries else "default (100,000)"))
+        if variant is not None:
+            desc += (f"; ES256 provider, route dpop: {{mode: required, max_age: "
+                     f"{DPOP_MAX_AGE}s}}, replay store "
+                     + ("redis (loopback, load CPU)" if variant == "W4-redis"
+                        else "in-process (default max_entries)"))
         proc = env.procs.start(name, argv, logp, env=penv, cwd=REPO)
     else:  # pragma: no cover - argparse restricts the names
         raise SkipTarget(f"unknown target {target}")
@@ -443,7 +727,8 @@ def start_instance(env: Env, target: str, name: str, *, cache_entries: int | Non
             last = lines[-1].strip() if lines else "(no output)"
             log(f"{name} log tail ({logp}):\n" + "\n".join(lines))
             raise SkipTarget(f"{name} {why}: {last}")
-    return Instance(name, target, desc, proc, port, open_port, admin_port)
+    return Instance(name, target, desc, proc, port, open_port, admin_port,
+                    env.dpop if variant is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,17 +826,20 @@ def sample_statuses(port: int, tokens: Path | None, n: int = 20, path: str = PAT
 
 
 def run_wrk(args: argparse.Namespace, env: Env, port: int, tokens: Path | None, seconds: float,
-            tag: str, *, path: str = PATH, offset: int = 0) -> dict[str, Any]:
+            tag: str, *, path: str = PATH, offset: int = 0, proofs: Path | None = None,
+            connections: int | None = None) -> dict[str, Any]:
     """One wrk run (benchmarks/wrk/cycle.lua) on the load CPU; its JSON summary.
-    ``tokens`` None: no Authorization header; ``offset``: index of the first token."""
+    ``tokens`` None: no Authorization header; ``offset``: index of the first token.
+    ``proofs`` (W4): benchmarks/wrk/dpop.lua sends each of these DPoP proofs once."""
     result_path = env.run_dir / f"wrk-{tag}.json"
     result_path.unlink(missing_ok=True)
     wenv = dict(os.environ, WRK_TOKENS=str(tokens) if tokens else "", WRK_PATH=path,
                 WRK_RESULT=str(result_path), WRK_OFFSET=str(offset),
-                WRK_THREADS=str(args.threads))
+                WRK_THREADS=str(args.threads), WRK_PROOFS=str(proofs or ""))
+    script = WRK_SCRIPT if proofs is None else DPOP_SCRIPT
     argv = [*env.pin.prefix(env.pin.load_cpu), "wrk", f"-t{args.threads}",
-            f"-c{args.connections}", f"-d{max(1, round(seconds))}s", "--latency",
-            "--timeout", "10s", "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{path}"]
+            f"-c{connections or args.connections}", f"-d{max(1, round(seconds))}s", "--latency",
+            "--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}{path}"]
     out = subprocess.run(argv, env=wenv, capture_output=True, timeout=seconds + 60)
     (env.run_dir / f"wrk-{tag}.txt").write_bytes(out.stdout + out.stderr)
     if out.returncode != 0 or not result_path.exists():
@@ -570,6 +858,8 @@ class Unit:
     path: str
     expected: int
     cursor: int = 0  # where the next wrk run starts in the token list
+    dpop: DpopSet | None = None  # W4: a fresh proof per request
+    rate: float = 0.0  # W4: the highest req/s seen so far (sizes the next run's proofs)
 
     @property
     def port(self) -> int:
@@ -599,6 +889,7 @@ class RunResult:
     cpu_load: float = 0.0  # share of the target CPU the target used during a run (median)
     other_load: float = 0.0  # share of the target CPU used by anything else (median)
     load_other: float = 0.0  # share of the load CPU used by neither wrk nor the upstream
+    redis_us: float | None = None  # W4-redis: redis-server CPU µs per request (median)
     cache_hits: int | None = None  # fastgate: token-cache lookups over the measured runs
     cache_misses: int | None = None
     verify_us_per_miss: float | None = None  # fastgate: verify histogram sum/count, runs
@@ -608,8 +899,51 @@ class RunResult:
         return [float(r[key]) for r in self.rounds]
 
 
+def prepare_proofs(env: Env, unit: Unit, seconds: float, tag: str,
+                   ) -> tuple[Path | None, dict[str, Any]]:
+    """W4: the proofs of one run, written just before it (iat fresh, a unique jti each):
+    rate x duration x PROOF_MARGIN of them, the rate being the highest the unit reached so
+    far, and at least PROOF_MIN_RPS."""
+    if unit.dpop is None:
+        return None, {}
+    rate = max(unit.rate, PROOF_MIN_RPS)
+    count = int(rate * max(1, round(seconds)) * PROOF_MARGIN) + 4 * 1024
+    path = env.run_dir / f"proofs-{tag}.txt"
+    took = write_proofs(unit.dpop, dpop_htu(unit.port, unit.path), count, path)
+    log(f"{tag}: {count:,} proofs in {took:.1f}s (for up to {count / max(1, round(seconds)):,.0f}"
+        " req/s)")
+    return path, {"proofs": count, "proof_seconds": took}
+
+
+def after_proofs(unit: Unit, proofs: Path | None, data: dict[str, Any], seconds: float) -> None:
+    if proofs is None:
+        return
+    proofs.unlink(missing_ok=True)  # about 0.6 KB a proof: do not keep them
+    unit.rate = max(unit.rate, data["requests"] / max(1e-9, data["duration_us"] / 1e6))
+
+
+def latency_probe(args: argparse.Namespace, env: Env, unit: Unit, tag: str) -> dict[str, Any]:
+    """W4: a short extra run at low concurrency (``--latency-connections``), after the
+    measured one, so latency is the service time plus the replay store's round trip, not the
+    queueing of 64 connections at saturation. Not part of the CPU measurement."""
+    seconds = args.latency_probe
+    probe = Unit(unit.target, unit.workload, unit.inst, unit.tokens, unit.path, unit.expected,
+                 dpop=unit.dpop, rate=unit.rate)
+    proofs, _ = prepare_proofs(env, probe, seconds, tag + "-lat")
+    data = run_wrk(args, env, unit.port, unit.tokens, seconds, tag + "-lat", path=unit.path,
+                   proofs=proofs, connections=args.latency_connections)
+    after_proofs(probe, proofs, data, seconds)
+    lat = data["latency_us"]
+    return {"lat_p50_ms": lat["p50"] / 1000, "lat_p99_ms": lat["p99"] / 1000,
+            "lat_rps": data["requests"] / max(1e-9, data["duration_us"] / 1e6),
+            "lat_bad": int(data["errors"]["status"]) + int(data.get("overrun", 0))}
+
+
 def measure_unit(args: argparse.Namespace, env: Env, unit: Unit, res: RunResult,
                  tag: str) -> None:
+    proofs, proof_info = prepare_proofs(env, unit, args.duration, tag)  # before any sampling
+    redis_pids = proc_tree(env.redis.pid) if unit.workload == "W4-redis" and env.redis else []
+    r0 = cpu_ticks(redis_pids)
     before = scrape(unit.inst.admin_port)
     pids = proc_tree(unit.inst.proc.pid)  # taskset execs: the pid is the target's
     up = proc_tree(env.upstream.pid) if env.upstream is not None else []
@@ -617,12 +951,14 @@ def measure_unit(args: argparse.Namespace, env: Env, unit: Unit, res: RunResult,
     u0, l0 = cpu_ticks(up), cpu_busy_ticks(env.pin.load_cpu)
     k0 = resource.getrusage(resource.RUSAGE_CHILDREN)  # wrk, once waited for
     data = run_wrk(args, env, unit.port, unit.tokens, args.duration, tag, path=unit.path,
-                   offset=unit.cursor)
+                   offset=unit.cursor, proofs=proofs)
     t1, b1 = cpu_ticks(sorted(set(pids) | set(proc_tree(unit.inst.proc.pid)))), \
         cpu_busy_ticks(env.pin.target_cpu)
     u1, l1 = cpu_ticks(up), cpu_busy_ticks(env.pin.load_cpu)
     k1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r1 = cpu_ticks(redis_pids)
     after = scrape(unit.inst.admin_port)
+    after_proofs(unit, proofs, data, args.duration)
     hz = os.sysconf("SC_CLK_TCK")
     user = sum(t1[p][0] - t0.get(p, (0, 0))[0] for p in t1) / hz
     system = sum(t1[p][1] - t0.get(p, (0, 0))[1] for p in t1) / hz
@@ -651,8 +987,18 @@ def measure_unit(args: argparse.Namespace, env: Env, unit: Unit, res: RunResult,
         "load_cpu_load": load_busy / wall if env.pin.load_cpu is not None else None,
         "load_other": max(0.0, load_busy - wrk_cpu - up_cpu) / wall
         if env.pin.load_cpu is not None and unit.target != "direct" else None,
-        "tag": tag,
+        "tag": tag, **proof_info,
     }
+    if proofs is not None:
+        rnd["overrun"] = int(data.get("overrun", 0))
+        if rnd["overrun"]:
+            res.anomalies.append(f"{tag}: ran out of proofs, {rnd['overrun']} replays sent "
+                                 "(the next run makes more)")
+    if proofs is not None and args.latency_probe > 0:
+        rnd.update(latency_probe(args, env, unit, tag))
+    if redis_pids and requests:
+        rnd["redis_us"] = sum(sum(r1[p]) - sum(r0.get(p, (0, 0))) for p in r1) / hz \
+            / requests * 1e6
     if before and after:
         rnd["cache_hits"] = int(after["hits"] - before["hits"])
         rnd["cache_misses"] = int(after["misses"] - before["misses"])
@@ -692,6 +1038,8 @@ def summarize(res: RunResult) -> None:
     res.other_load = med(others) if others else 0.0
     lothers = [r["load_other"] for r in res.rounds if r.get("load_other") is not None]
     res.load_other = med(lothers) if lothers else 0.0
+    redis = [r["redis_us"] for r in res.rounds if r.get("redis_us") is not None]
+    res.redis_us = med(redis) if redis else None
     res.requests = sum(int(r["requests"]) for r in res.rounds)
     res.non2xx = sum(int(r["non2xx"]) for r in res.rounds)
     res.socket_errors = sum(int(r["socket_errors"]) for r in res.rounds)
@@ -775,6 +1123,99 @@ def goal_rows(results: list[RunResult], floors: dict[str, dict[str, Any]] | None
     return rows
 
 
+def dpop_rows(results: list[RunResult], floor: dict[str, Any] | None,
+              args: argparse.Namespace | None = None) -> dict[str, Any]:
+    """Issue 11's numbers: W4 against W1 (CPU per request, the goal CPU(W4) <= CPU(W1) +
+    1.15 x the ES256 verify floor, on the median of the per-round paired differences), and
+    W4-redis against W4 (the added p50/p99 latency and CPU)."""
+    by = {(r.target, r.workload): r for r in results if r.skipped is None and r.rounds}
+    out: dict[str, Any] = {"floor": floor,
+                           "latency_connections": getattr(args, "latency_connections", None),
+                           "latency_probe": getattr(args, "latency_probe", None)}
+    w1, w4, w4r = (by.get(("fastgate", w)) for w in ("W1", "W4", "W4-redis"))
+
+    def diffs(a: RunResult, b: RunResult, metric: str) -> list[float]:
+        return [x - y for x, y in zip(a.series(metric), b.series(metric), strict=False)]
+
+    if w1 is not None and w4 is not None:
+        d = diffs(w4, w1, "cpu_us")
+        row: dict[str, Any] = {
+            "w1_rps": w1.rps, "w4_rps": w4.rps, "w1_cpu_us": w1.cpu_us, "w4_cpu_us": w4.cpu_us,
+            "rps_ratio": statistics.median(paired(w4, w1, "rps")),
+            "cpu_added_us": statistics.median(d), "cpu_added_per_round": d,
+            "p99_added_ms": statistics.median(diffs(w4, w1, "p99_ms"))}
+        if floor is not None:
+            for kind in ("median", "best"):
+                bound = DPOP_GOAL * floor[f"{kind}_us"]
+                row[f"bound_us_{kind}_floor"] = bound
+                row[f"met_{kind}_floor"] = row["cpu_added_us"] <= bound
+            row["added_in_floors"] = row["cpu_added_us"] / floor["median_us"]
+        out["w4_vs_w1"] = row
+    if w4 is not None and w4r is not None:
+        lat: dict[str, Any] = {}
+        if all("lat_p50_ms" in r for r in (*w4.rounds, *w4r.rounds)):
+            lat = {"lat_p50_added_ms": statistics.median(diffs(w4r, w4, "lat_p50_ms")),
+                   "lat_p99_added_ms": statistics.median(diffs(w4r, w4, "lat_p99_ms")),
+                   "w4_lat_p50_ms": statistics.median(w4.series("lat_p50_ms")),
+                   "w4_lat_p99_ms": statistics.median(w4.series("lat_p99_ms")),
+                   "w4_redis_lat_p50_ms": statistics.median(w4r.series("lat_p50_ms")),
+                   "w4_redis_lat_p99_ms": statistics.median(w4r.series("lat_p99_ms"))}
+        out["redis_vs_memory"] = {**lat,
+            "p50_added_ms": statistics.median(diffs(w4r, w4, "p50_ms")),
+            "p99_added_ms": statistics.median(diffs(w4r, w4, "p99_ms")),
+            "cpu_added_us": statistics.median(diffs(w4r, w4, "cpu_us")),
+            "rps_ratio": statistics.median(paired(w4r, w4, "rps")),
+            "w4_p50_ms": w4.p50_ms, "w4_p99_ms": w4.p99_ms,
+            "w4_redis_p50_ms": w4r.p50_ms, "w4_redis_p99_ms": w4r.p99_ms,
+            "redis_server_us": w4r.redis_us}
+    return out
+
+
+def dpop_markdown(d: dict[str, Any]) -> list[str]:
+    out = ["DPoP (issue 11): W4 against W1 and W4-redis against W4, medians of the per-round "
+           "paired differences:\n"]
+    floor = d.get("floor")
+    if floor is not None:
+        out.append(f"- ES256 verify floor on the target CPU: {floor['median_us']:.1f} µs "
+                   f"(median slice; best {floor['best_us']:.1f} µs), {floor['source']}.")
+    row = d.get("w4_vs_w1")
+    if row is not None:
+        out.append(f"- W4 {row['w4_rps']:,.0f} req/s, {row['w4_cpu_us']:.1f} µs CPU/request; "
+                   f"W1 {row['w1_rps']:,.0f} req/s, {row['w1_cpu_us']:.1f} µs; W4/W1 req/s "
+                   f"{row['rps_ratio']:.2f}x; W4 adds {row['cpu_added_us']:.1f} µs CPU per "
+                   "request (rounds " + ", ".join(f"{x:.1f}" for x in row["cpu_added_per_round"])
+                   + f") and {row['p99_added_ms']:.2f} ms p99.")
+        if floor is not None:
+            for kind in ("median", "best"):
+                met = "yes" if row[f"met_{kind}_floor"] else "**NO**"
+                out.append(f"- goal CPU(W4) <= CPU(W1) + {DPOP_GOAL:g} x ES256 floor "
+                           f"({kind} slice): added {row['cpu_added_us']:.1f} µs <= "
+                           f"{row[f'bound_us_{kind}_floor']:.1f} µs: {met}")
+            out.append(f"- the added CPU is {row['added_in_floors']:.2f} ES256 verify floors "
+                       "(the proof's signature plus its parse, htu, the thumbprint, the replay "
+                       "store)")
+    redis = d.get("redis_vs_memory")
+    if redis is not None:
+        extra = "" if redis["redis_server_us"] is None else \
+            f"; redis-server itself {redis['redis_server_us']:.1f} µs CPU per request"
+        out.append(f"- W4-redis vs W4: p50 {redis['w4_redis_p50_ms']:.2f} vs "
+                   f"{redis['w4_p50_ms']:.2f} ms (added {redis['p50_added_ms']:+.2f} ms), p99 "
+                   f"{redis['w4_redis_p99_ms']:.2f} vs {redis['w4_p99_ms']:.2f} ms (added "
+                   f"{redis['p99_added_ms']:+.2f} ms); gateway CPU {redis['cpu_added_us']:+.1f} "
+                   f"µs per request; req/s {redis['rps_ratio']:.2f}x{extra} (at saturation, "
+                   "-c as above: latency there is mostly queueing).")
+        if "lat_p50_added_ms" in redis:
+            out.append(f"- W4-redis vs W4 at low concurrency (-c{d['latency_connections']}, "
+                       f"{d['latency_probe']:g} s after each measured run): p50 "
+                       f"{redis['w4_redis_lat_p50_ms']:.3f} vs {redis['w4_lat_p50_ms']:.3f} ms "
+                       f"(added {redis['lat_p50_added_ms']:+.3f} ms), p99 "
+                       f"{redis['w4_redis_lat_p99_ms']:.3f} vs {redis['w4_lat_p99_ms']:.3f} ms "
+                       f"(added {redis['lat_p99_added_ms']:+.3f} ms): the replay store's round "
+                       "trip.")
+    out.append("")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -836,7 +1277,8 @@ def markdown(args: argparse.Namespace, env: Env, results: list[RunResult],
     for t, d in descs.items():
         out.append(f"- {t}: {d}")
     for w in args.workloads:
-        out.append(f"- {w}: {WORKLOADS[w][2] if w in WORKLOADS else OPEN_DESC}")
+        desc = WORKLOADS[w][2] if w in WORKLOADS else DPOP_WORKLOADS.get(w, OPEN_DESC)
+        out.append(f"- {w}: {desc}")
     out.append("")
 
     out.append("Ratios fastgate / peer (median of the per-round paired ratios):\n")
@@ -892,6 +1334,8 @@ def markdown(args: argparse.Namespace, env: Env, results: list[RunResult],
                           "(fastgate_verify_duration_seconds sum/count)"
                           if fg.verify_us_per_miss else "") + ".")
     out.append("")
+    if any(w in DPOP_WORKLOADS for w in args.workloads):
+        out.extend(dpop_markdown(dpop_rows(results, getattr(args, "es256_floor", None), args)))
     out.append("Per round (req/s | CPU µs/req):\n")
     for r in results:
         if r.rounds:
@@ -952,6 +1396,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cache.max_entries of fastgate's W2 gateway (default 1000: 20,000 "
                         "cycled tokens never hit)")
     p.add_argument("--connections", type=int, default=64)
+    p.add_argument("--latency-connections", type=int, default=4,
+                   help="W4/W4-redis: connections of the latency probe run after each "
+                        "measured run (default 4)")
+    p.add_argument("--latency-probe", type=float, default=2.0,
+                   help="W4/W4-redis: seconds of that probe; 0 = none (default 2)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
     p.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
@@ -966,7 +1415,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, v)
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    args.workloads = [w.upper() if w.upper() in WORKLOADS else w.lower() for w in args.workloads]
+    canonical = {w.lower(): w for w in ALL_WORKLOADS}
+    args.workloads = [canonical.get(w.lower(), w) for w in args.workloads]
+    if (any(w in DPOP_WORKLOADS for w in args.workloads) and "W1" not in args.workloads
+            and "fastgate" in args.targets):
+        args.workloads.insert(0, "W1")  # W4 is reported against W1 of the same run
     args.naive_workloads = [w.strip().upper() for w in args.naive_workloads.split(",")
                             if w.strip()]
     for t in args.targets:
@@ -979,9 +1432,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.controls.strip().lower() not in ("", "none"):
         for pair in args.controls.split(","):
             t, _, w = pair.strip().partition(":")
-            w = w.upper() if w.upper() in WORKLOADS else w.lower()
-            if t not in TARGETS or t == "direct" or w not in ALL_WORKLOADS:
-                p.error(f"--controls: bad pair {pair!r} (target:workload, not direct)")
+            w = canonical.get(w.lower(), w)
+            if t not in TARGETS or t == "direct" or w not in ALL_WORKLOADS \
+                    or w in DPOP_WORKLOADS:
+                p.error(f"--controls: bad pair {pair!r} (target:workload, not direct, not "
+                        "W4)")
             controls.append((t, w))
     args.controls = controls
     if args.rounds < 3 or args.rounds > 50:
@@ -1013,6 +1468,12 @@ def plan_units(args: argparse.Namespace, insts: dict[str, Instance],
             if t == "direct" and w != args.workloads[0]:
                 continue  # nginx ignores the token: one workload is the reference
             if t == "naive" and w not in args.naive_workloads:
+                continue
+            if w in DPOP_WORKLOADS:
+                name = DPOP_INSTANCE[w]
+                if t == "fastgate" and name in insts:
+                    units.append(Unit(t, w, insts[name], insts[name].dpop_tokens, PATH, 200,
+                                      dpop=insts[name].dpop))
                 continue
             name = "fastgate-w2" if (t, w) == ("fastgate", "W2") else t
             if name in insts:
@@ -1059,28 +1520,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         start_nginx(env, pin.load_cpu)
         insts: dict[str, Instance] = {}
-        wanted: list[tuple[str, str, int | None]] = []  # (instance name, target, cache)
+        # (instance name, target, cache, variant)
+        wanted: list[tuple[str, str, int | None, str | None]] = []
         for t in args.targets:
-            wanted.append((t, t, None))
+            wanted.append((t, t, None, None))
             if t == "fastgate" and "W2" in args.workloads:
-                wanted.append(("fastgate-w2", t, args.w2_cache))
+                wanted.append(("fastgate-w2", t, args.w2_cache, None))
+            if t == "fastgate":
+                wanted.extend((DPOP_INSTANCE[w], t, None, w) for w in DPOP_WORKLOADS
+                              if w in args.workloads)
         for t, w in args.controls:
             if t in args.targets and w in args.workloads:
                 two = (t, w) == ("fastgate", "W2")
-                wanted.append((t + AA + ("-w2" if two else ""), t, args.w2_cache if two else None))
-        for name, target, cache in wanted:
-            if target in skipped:
+                wanted.append((t + AA + ("-w2" if two else ""), t,
+                               args.w2_cache if two else None, None))
+        if any(v is not None for *_, v in wanted):
+            env.dpop = make_dpop_set(run_dir)
+        for name, target, cache, variant in wanted:
+            if target in skipped or name in skipped:
                 continue
             try:
-                insts[name] = start_instance(env, target, name, cache_entries=cache)
+                if variant == "W4-redis" and env.redis is None:
+                    if shutil.which("redis-server") is None:
+                        raise SkipTarget("redis-server is not installed (Debian package "
+                                         "redis-server)")
+                    env.redis, env.redis_port = start_redis(env)
+                insts[name] = start_instance(env, target, name, cache_entries=cache,
+                                             variant=variant)
             except SkipTarget as exc:
                 log(f"SKIP {name}: {exc}")
-                skipped[target] = str(exc)
+                skipped[name if variant is not None else target] = str(exc)
                 continue
             descs.setdefault(target, insts[name].desc)
             if name != target:
                 descs[name] = insts[name].desc
         units = plan_units(args, insts, tokens)
+        args.es256_floor = None
+        if any(u.dpop is not None for u in units):
+            log("measuring the ES256 verify floor on the target CPU ...")
+            args.es256_floor = es256_floor(env)
+            log(f"ES256 verify floor: {args.es256_floor['median_us']:.1f} µs (median slice), "
+                f"{args.es256_floor['best_us']:.1f} µs (best); {args.es256_floor['source']}")
         for u in units:
             res = RunResult(u.target, u.workload, expected_status=u.expected,
                             instance=u.inst.name)
@@ -1090,15 +1570,24 @@ def main(argv: list[str] | None = None) -> int:
         log(f"{len(units)} units x {args.rounds} rounds x {args.duration:g}s: about "
             f"{estimate / 60:.1f} minutes from now")
         for u, res in zip(units, results, strict=True):
-            if u.target != "direct":
+            if u.dpop is not None:
+                res.sample_statuses = sample_dpop(u.port, u.dpop, path=u.path)
+                if set(res.sample_statuses) != set(DPOP_SAMPLE_EXPECTED):
+                    res.anomalies.append(f"sample statuses {res.sample_statuses}, expected "
+                                         f"{', '.join(DPOP_SAMPLE_EXPECTED)}")
+                    log(f"ANOMALY {u.target} {u.workload}: {res.anomalies[-1]}")
+            elif u.target != "direct":
                 res.sample_statuses = sample_statuses(u.port, u.tokens, path=u.path)
                 if set(res.sample_statuses) != {str(u.expected)}:
                     res.anomalies.append(f"sample statuses {res.sample_statuses}, expected "
                                          f"all {u.expected}")
                     log(f"ANOMALY {u.target} {u.workload}: {res.anomalies[-1]}")
             if args.warmup > 0:
-                data = run_wrk(args, env, u.port, u.tokens, args.warmup,
-                               f"{u.target}-{u.workload}-warmup", path=u.path, offset=u.cursor)
+                tag = f"{u.target}-{u.workload}-warmup"
+                proofs, _ = prepare_proofs(env, u, args.warmup, tag)
+                data = run_wrk(args, env, u.port, u.tokens, args.warmup, tag, path=u.path,
+                               offset=u.cursor, proofs=proofs)
+                after_proofs(u, proofs, data, args.warmup)
                 if u.tokens is not None:
                     u.cursor += int(data["requests"]) + 4 * args.connections
         for r in range(1, args.rounds + 1):
@@ -1133,7 +1622,9 @@ def main(argv: list[str] | None = None) -> int:
             "results": [asdict(r) for r in main_results],
             "controls": [asdict(r) for r in results if r.target.endswith(AA)],
             "noise_floor": noise_floors(by),
-            "skipped": skipped, "goals": goal_rows(results)}, indent=2))
+            "skipped": skipped, "goals": goal_rows(results),
+            **({"dpop": dpop_rows(results, args.es256_floor, args)}
+               if any(w in DPOP_WORKLOADS for w in args.workloads) else {})}, indent=2))
         log(f"json: {args.json}")
     log(f"report: {args.out_dir / 'e2e-latest.md'}")
     return 0

@@ -58,6 +58,8 @@ from fastgate.responses import (
 )
 from fastgate.upstream import UpstreamError, retire
 from fastgate._verify import token_shape
+from fastgate.replay import FRESH, NONCE_UNKNOWN, REPLAYED
+from fastgate.replay import PENDING as STORE_PENDING
 from fastgate.wire import CONNECTION_LINES, Wire
 
 log = logging.getLogger("fastgate.protocol")
@@ -71,6 +73,13 @@ cdef object REASON_MISSING = Reason.TOKEN_MISSING
 cdef object REASON_KEY_NOT_FOUND = Reason.KEY_NOT_FOUND
 cdef object REASON_JWKS_UNAVAILABLE = Reason.JWKS_UNAVAILABLE
 cdef object REASON_CERTIFICATE_MISMATCH = Reason.CERTIFICATE_MISMATCH
+cdef object REASON_CLAIM_MISSING = Reason.CLAIM_MISSING
+cdef object REASON_DPOP_PROOF_INVALID = Reason.DPOP_PROOF_INVALID
+cdef object REASON_DPOP_PROOF_REPLAYED = Reason.DPOP_PROOF_REPLAYED
+cdef object REASON_DPOP_BINDING_MISMATCH = Reason.DPOP_BINDING_MISMATCH
+cdef object REASON_DPOP_NONCE_REQUIRED = Reason.DPOP_NONCE_REQUIRED
+cdef object REASON_TOKEN_REPLAYED = Reason.TOKEN_REPLAYED
+cdef object REASON_REPLAY_STORE_UNAVAILABLE = Reason.REPLAY_STORE_UNAVAILABLE
 #: Claim-header blocks remembered per route (fastgate.proxy.RouteRuntime.claim_cache).
 cdef Py_ssize_t CLAIM_CACHE_MAX = 4096
 
@@ -134,6 +143,12 @@ cdef enum:
     FA_DONE = 1  # rejected: answered
     FA_SLOW = 2  # must wait for keys: the slow path
     FA_GENERIC = 3  # not the fast shape: DataPlane.authenticate_now decides
+
+# possess outcomes (proof of possession and replay, after the token is verified).
+cdef enum:
+    PO_PASS = 0  # nothing more to check: admit goes on
+    PO_DONE = 1  # rejected: answered
+    PO_WAIT = 2  # the shared replay store answers later (_ReplayWait)
 
 # Exchange states.
 cdef enum:
@@ -222,6 +237,8 @@ cdef class Exchange:
     cdef bytes head
     cdef list out
     cdef bint wrote_head, chunked_out, no_body_out, head_only
+    cdef bint via_dpop  # the token came as Authorization: DPoP (RFC 9449 §7.1)
+    cdef bint possessed  # possession and replay checks passed (admit resumes after a wait)
 
     def __cinit__(self, ClientProtocol proto):
         self.proto = proto
@@ -758,13 +775,14 @@ cdef class ClientProtocol:
         found = None
         if rt.auth and not (rt.cors_bypass and method == "OPTIONS" and "Origin" in auth_headers
                             and "Access-Control-Request-Method" in auth_headers):
-            outcome = self.fast_auth(ex, rt, hooks)
+            outcome = self.dpop_auth(ex, rt, hooks) if rt.dpop is not None else \
+                self.fast_auth(ex, rt, hooks)
             if outcome == FA_DONE:
                 return
             if outcome == FA_OK:
                 claims = ex.claims
                 if not rt.forward_token and ex.token is not None:
-                    found = [(0, ex.token)]
+                    found = [(rt.dpop_index if ex.via_dpop else 0, ex.token)]
             else:
                 decided = None if outcome == FA_SLOW else \
                     plane.authenticate_now(rt, hooks, auth_headers, qs)
@@ -808,7 +826,6 @@ cdef class ClientProtocol:
         cdef bytes header = rt.fast_header
         cdef bytes prefix, value
         cdef Py_ssize_t plen
-        cdef double began
         if header is None:
             return FA_GENERIC
         values = ex.auth_headers._map.get(header)
@@ -825,7 +842,26 @@ cdef class ClientProtocol:
         plen = len(prefix)
         if value[:plen].lower() != prefix:
             return FA_GENERIC  # another scheme, or a bare "Bearer"
-        token = value[plen:].decode("utf-8", "surrogateescape")
+        return self.verified(ex, rt, hooks, value[plen:].decode("utf-8", "surrogateescape"))
+
+    cdef int dpop_auth(self, Exchange ex, rt, hooks):
+        """A DPoP route's fast path for ``Authorization: DPoP <token>`` (RFC 9449 §7.1): the
+        token is extracted and verified like fast_auth's; the proof is checked in admit
+        (possess), where the slow path ends too."""
+        cdef bytes value
+        values = ex.auth_headers._map.get(b"authorization")
+        if values is None or len(values) != 1:
+            return FA_GENERIC  # none or several: the extractor's rules
+        value = values[0]
+        if value[:5].lower() != b"dpop ":
+            return FA_GENERIC  # Bearer (or another scheme): the generic path
+        ex.via_dpop = True
+        return self.verified(ex, rt, hooks, value[5:].decode("utf-8", "surrogateescape"))
+
+    cdef int verified(self, Exchange ex, rt, hooks, str token):
+        """The fast paths' shared step: shape, verify, policy (TokenExtractor.check +
+        DataPlane.authenticate_now for one token)."""
+        cdef double began
         reason = token_shape(token, rt.max_token_chars)  # TokenExtractor.check's rules
         if reason is not REASON_OK:
             self.reject(ex, reason)
@@ -875,10 +911,90 @@ cdef class ClientProtocol:
         return isinstance(bound, str) and bound.isascii() and \
             hmac.compare_digest(bound.encode("ascii"), thumb)
 
+    cdef int possess(self, Exchange ex, list fwd, str path, str qs, dict claims, found):
+        """Proof of possession and replay (RFC 9449 §4.3, §7; RFC 7523 §3 item 7), after the
+        token verified (a cached token too: the proof is checked fresh on every request)."""
+        cdef list keys = None
+        cdef bytes nonce = None
+        rt = ex.rt
+        cnf = claims.get("cnf")
+        jkt = (<dict>cnf).get("jkt") if type(cnf) is dict else None
+        token = ex.token if ex.token is not None else (found[0][1] if found else None)
+        replayed = REASON_TOKEN_REPLAYED
+        if ex.via_dpop or (found and rt.dpop_index >= 0 and found[0][0] == rt.dpop_index):
+            proofs = ex.auth_headers._map.get(b"dpop")
+            if proofs is None or len(proofs) != 1:
+                self.reject(ex, REASON_DPOP_PROOF_INVALID)  # §4.3 check 1: exactly one
+                return PO_DONE
+            base = rt.dpop_base
+            if base is None:
+                # No external_url: the URI this connection was sent to (docs/security.md).
+                base = (<bytes>self.server.scheme).decode("ascii") + "://" + \
+                    ex.host.decode("utf-8", "surrogateescape")
+            result = rt.dpop.check(proofs[0].decode("latin-1"), ex.method, base + path,
+                                   token, jkt)
+            if not result.ok:
+                self.reject(ex, result.reason)
+                return PO_DONE
+            if rt.nonces is not None:
+                if result.nonce is None:
+                    self.reject_with(ex, REASON_DPOP_NONCE_REQUIRED, rt.nonces.wire(rt))
+                    return PO_DONE
+                nonce = (<str>result.nonce).encode("utf-8", "surrogateescape")
+            keys = [(b"d:" + (<str>result.jkt).encode("ascii") + b":"
+                     + (<str>result.jti).encode("utf-8", "surrogateescape"), rt.dpop.window)]
+            replayed = REASON_DPOP_PROOF_REPLAYED
+        elif jkt is not None:
+            # RFC 9449 §7.2: a DPoP-bound token without its proof (as Bearer, or from a query
+            # or cookie) is refused on every route; Bearer's challenge, the client's scheme.
+            ex.tables.hooks.reject(rt.index, REASON_DPOP_BINDING_MISMATCH)
+            self.reply(ex, rt.binding_wire, False)
+            return PO_DONE
+        elif rt.dpop_required:
+            self.reject(ex, REASON_DPOP_PROOF_INVALID)
+            return PO_DONE
+        if rt.one_time:
+            key = rt.one_time_key(claims)
+            if key is None:
+                self.reject(ex, REASON_CLAIM_MISSING)  # RFC 7523 §3 item 7 needs jti and exp
+                return PO_DONE
+            if keys is None:
+                keys = []
+            keys.append(key)
+            # With both keys, a replayed proof means its token (bound by ath) was used too.
+            replayed = REASON_TOKEN_REPLAYED
+        if keys is None:
+            return PO_PASS
+        store = rt.replay
+        waiter = _ReplayWait(self, ex, fwd, path, qs, claims, found, replayed)
+        code = store.check(keys, nonce, waiter)
+        if code == STORE_PENDING:
+            return PO_WAIT
+        return self.replay_outcome(ex, code, replayed)
+
+    cdef int replay_outcome(self, Exchange ex, int code, replayed):
+        rt = ex.rt
+        if code == FRESH:
+            return PO_PASS
+        if code == REPLAYED:
+            self.reject(ex, replayed)
+        elif code == NONCE_UNKNOWN:
+            self.reject_with(ex, REASON_DPOP_NONCE_REQUIRED, rt.nonces.wire(rt))
+        elif rt.replay.fail_open:
+            return PO_PASS  # on_error: fail_open (the store counted the unavailable answer)
+        else:
+            self.reject(ex, REASON_REPLAY_STORE_UNAVAILABLE)
+        return PO_DONE
+
     cdef void reject(self, Exchange ex, reason):
         rt = ex.rt
         ex.tables.hooks.reject(rt.index, reason)
         self.reply(ex, rt.wires[reason], False)
+
+    cdef void reject_with(self, Exchange ex, reason, wire):
+        """A reject whose response is not the route's prebuilt one (a fresh DPoP-Nonce)."""
+        ex.tables.hooks.reject(ex.rt.index, reason)
+        self.reply(ex, wire, False)
 
     cdef void admit(self, Exchange ex, list fwd, str path, str qs, claims, found):
         """Build the upstream request head and send it (RFC 9110 §7.6, RFC 9112 §3, §6).
@@ -891,6 +1007,11 @@ cdef class ClientProtocol:
         if rt.certificate_bound and claims is not None and not self.bound_to_connection(claims):
             self.reject(ex, REASON_CERTIFICATE_MISMATCH)
             return
+        # RFC 9449 §7.2: a DPoP-bound token (cnf.jkt) is checked on every route, so the cnf
+        # test is made even where no DPoP or one-time rule is configured.
+        if claims is not None and not ex.possessed and (rt.possession or "cnf" in claims):
+            if self.possess(ex, fwd, path, qs, claims, found) != PO_PASS:
+                return
         if ex.content_length > t.max_body_bytes:
             self.reply(ex, W_TOO_LARGE, False)
             return
@@ -1248,6 +1369,45 @@ async def _guarded(str what, step, ClientProtocol proto, Exchange ex, *args):
             proto.internal_error(ex)
         else:
             log.exception("%s failed", what)
+
+
+cdef class _ReplayWait:
+    """The rest of admit, run when the shared replay store answers (no task, no future)."""
+    cdef ClientProtocol proto
+    cdef Exchange ex
+    cdef list fwd
+    cdef str path, qs
+    cdef dict claims
+    cdef object found, replayed
+
+    def __cinit__(self, ClientProtocol proto, Exchange ex, list fwd, str path, str qs,
+                  dict claims, found, replayed):
+        self.proto = proto
+        self.ex = ex
+        self.fwd = fwd
+        self.path = path
+        self.qs = qs
+        self.claims = claims
+        self.found = found
+        self.replayed = replayed
+
+    def __call__(self, int code):
+        cdef ClientProtocol proto = self.proto
+        cdef Exchange ex = self.ex
+        if proto.active is not ex or ex.state != X_DECIDING:
+            return  # the client went away meanwhile
+        try:
+            if proto.replay_outcome(ex, code, self.replayed) != PO_PASS:
+                return
+            ex.possessed = True
+            proto.admit(ex, self.fwd, self.path, self.qs, self.claims, self.found)
+            if ex.conn is not None and ex.body and ex.state == X_SENDING:
+                proto.send_body(ex)
+        except Exception:
+            if proto.active is ex:
+                proto.internal_error(ex)
+            else:
+                log.exception("replay store continuation failed")
 
 
 async def _decide_later(ClientProtocol proto, Exchange ex, list fwd, str path, str qs):

@@ -228,6 +228,51 @@ class IssuerSet:
     def verify(self, token: str | bytes, now: float | None = None) -> Result: ...
     def verifier_for(self, issuer: str) -> Verifier | None: ...
 
+class DpopResult:
+    """The outcome of one DPoP proof check (RFC 9449 §4.3). ``jkt``, ``jti``, ``nonce`` and
+    ``iat`` are set once the proof's signature verified (also for dpop_binding_mismatch)."""
+
+    jkt: str | None
+    jti: str | None
+    nonce: str | None
+    iat: float
+    @property
+    def ok(self) -> bool: ...
+    @property
+    def reason(self) -> Reason:
+        """OK, dpop_proof_invalid or dpop_binding_mismatch."""
+    @property
+    def detail(self) -> str:
+        """The check that decided ("proof typ", "proof htu", "proof signature", "cnf.jkt",
+        ...); never proof bytes."""
+
+class DpopRule:
+    """One route's DPoP settings: the proof algorithms (asymmetric only), how old a proof's
+    ``iat`` may be and how far in the future."""
+
+    algs: str
+    """The algorithms, space-separated (RFC 9449 §7.1's ``algs`` attribute)."""
+    def __init__(self, algorithms: Iterable[str] | None = None, max_age: float = 60.0,
+                 clock_skew: float = 5.0) -> None: ...
+    @property
+    def window(self) -> float:
+        """Seconds a proof's jti must be remembered (max_age + clock_skew)."""
+    def check(self, proof: str | bytes, method: str, htu: str, token: str,
+              jkt: object, now: float | None = None) -> DpopResult:
+        """RFC 9449 §4.3 for one request (checks 2-9, 11, 12 and the cnf.jkt binding; the
+        single-header check, the nonce and the jti replay are the data plane's). ``jkt`` is
+        the access token's ``cnf.jkt``. Never raises for a bad proof."""
+
+def jwk_thumbprint(jwk: Mapping[str, Any]) -> str | None:
+    """RFC 7638 SHA-256 thumbprint (base64url) of a public JWK; None if it lacks members."""
+
+def access_token_hash(token: str | bytes) -> str:
+    """RFC 9449 §4.2 ``ath``: base64url(SHA-256(access token))."""
+
+def normalize_htu(uri: str) -> str | None:
+    """An http(s) URI normalised per RFC 3986 §6.2.2-§6.2.3 without query and fragment;
+    None when it is not one."""
+
 def verify_jws(
     token: str | bytes,
     jwk_or_jwks: Mapping[str, Any],

@@ -31,6 +31,7 @@ from fastgate._http import RelayConn
 from fastgate._verify import IssuerSet, TokenCache, Verifier
 from fastgate.apikeys import ApiKeyCheck, ApiKeyTable
 from fastgate.config import GatewayConfig, ProviderConfig
+from fastgate.dpop import DPOP_HEADER, DPOP_SOURCE, NonceIssuer, compile_possession, dpop_algs
 from fastgate.errors import ConfigError
 from fastgate.extract import TokenExtractor, dedupe_sources
 from fastgate.policy import Policy
@@ -44,6 +45,7 @@ from fastgate.proxy import (
     RouteRuntime,
     Tables,
 )
+from fastgate.replay import build_store
 from fastgate.responses import DEFAULT_REJECTS, build_rejects
 from fastgate.routes import RouteTable
 from fastgate.tls import ListenerTLS, TLSLoadError
@@ -175,6 +177,21 @@ def compile_tables(
     }
     # What the auth layer reads from a request (the header pass collects only these).
     auth_headers = set(token_headers) | {"cookie", "origin", "access-control-request-method"}
+    if any(r.auth is not None and r.auth.dpop is not None for r in config.routes):
+        # RFC 9449 §7.1: Authorization: DPoP <token>, and the proof in its own header.
+        auth_headers |= {DPOP_SOURCE.name.lower(), DPOP_HEADER.lower()}
+
+    # -- the replay store (DPoP proof jtis, one-time tokens, nonces) ----------------------
+    if previous is not None and previous.config.replay_store == config.replay_store:
+        replay = previous.replay  # its remembered jtis (and its Redis connection) stay
+    else:
+        replay = build_store(config.replay_store, metrics=metrics)
+    nonce_issuers: dict[float, NonceIssuer] = {}
+
+    def nonces(period: float) -> NonceIssuer:
+        if period not in nonce_issuers:
+            nonce_issuers[period] = NonceIssuer(replay, period)
+        return nonce_issuers[period]
     if config.api_keys is not None and config.api_keys.header:
         auth_headers.add(config.api_keys.header.lower())
     for name in sorted(reserved & token_headers):
@@ -236,7 +253,8 @@ def compile_tables(
             if len(route_verifiers) != len(auth.providers):
                 continue  # errors recorded above
             issuer_set = IssuerSet(route_verifiers, cache, audiences=auth.audiences)
-            sources = dedupe_sources(config.providers[n].token_from for n in auth.providers)
+            sources = dedupe_sources([*(config.providers[n].token_from for n in auth.providers),
+                                      (DPOP_SOURCE,) if auth.dpop is not None else ()])
             extractor = TokenExtractor(sources, config.limits.max_token_bytes)
         route_sources: dict[Verifier, KeySourceLike] = {
             verifiers[n]: key_sources[n] for n in auth.providers if n in key_sources
@@ -247,7 +265,8 @@ def compile_tables(
             upstream_index=uidx,
             body_timeout=body_timeout,
             rejects=build_rejects(failure_status=auth.failure_status,
-                                  hide_reasons=auth.hide_reasons, scope=policy.scope_string),
+                                  hide_reasons=auth.hide_reasons, scope=policy.scope_string,
+                                  dpop_algs=dpop_algs(auth)),
             issuer_set=issuer_set,
             verifiers=tuple(route_verifiers),
             key_sources=route_sources,
@@ -259,6 +278,7 @@ def compile_tables(
             forward_token=auth.forward_token,
             cors_bypass=auth.cors_preflight == "bypass",
             certificate_bound=auth.certificate_bound,
+            possession=compile_possession(auth, config.providers, replay, nonces),
         ))
     if errors:
         raise ConfigError(errors)
@@ -283,6 +303,7 @@ def compile_tables(
         max_header_bytes=config.limits.max_header_bytes,
         hooks=hooks,
         auth_headers=frozenset(auth_headers),
+        replay=replay,
     )
 
 
@@ -364,6 +385,7 @@ class Gateway:
         socket), else on ``config.listen`` with SO_REUSEPORT."""
         loop = asyncio.get_running_loop()
         await self._start_sources(self.plane.tables.key_sources.values())
+        await self.plane.tables.replay.start()
         config = self.config
         if self.tls is None:
             self.tls = self._listener_tls(config)
@@ -419,6 +441,8 @@ class Gateway:
         except ConfigError:
             await _close_unshared(new, old)
             raise
+        if new.replay is not old.replay:
+            await new.replay.start()
         reconfigure = getattr(self.metrics, "reconfigure", None)
         if callable(reconfigure):
             reconfigure(routes=[r.name for r in new_config.routes],
@@ -491,6 +515,7 @@ class Gateway:
             await _close_unshared(old, tables)
         for pool in tables.pools.values():
             await pool.close()
+        await tables.replay.close()
         for source in tables.key_sources.values():
             with contextlib.suppress(Exception):
                 await source.stop()
@@ -508,6 +533,8 @@ async def _close_unshared(old: Tables, keep: Tables) -> None:
     for pool in old.pools.values():
         if id(pool) not in kept_pools:
             await pool.close()
+    if old.replay is not keep.replay:
+        await old.replay.close()
     kept_sources = {id(s) for s in keep.key_sources.values()}
     for source in old.key_sources.values():
         if id(source) not in kept_sources:

@@ -238,12 +238,80 @@ def _claim_value(text: str) -> Any:
         return text
 
 
+_HTTP_METHOD = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §9.1: a token
+
+
+def _dpop_usage(args: argparse.Namespace) -> str | None:
+    """Why the DPoP arguments cannot work together (None when they can)."""
+    if not args.dpop:
+        for flag, value in (("--htu", args.htu), ("--htm", args.htm),
+                            ("--dpop-key", args.dpop_key), ("--dpop-alg", args.dpop_alg),
+                            ("--access-token", args.access_token)):
+            if value is not None:
+                return f"{flag} needs --dpop"
+        return None
+    if not args.htu:
+        return "--dpop needs --htu URL (the URL the request will go to)"
+    from urllib.parse import urlsplit
+
+    try:
+        url = urlsplit(args.htu)
+        url.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        return f"--htu: not a URL: {exc}"
+    if url.scheme.lower() not in ("http", "https") or not url.hostname:
+        return f"--htu: expected an absolute http(s) URL, got {args.htu!r}"
+    if args.htm is not None and not _HTTP_METHOD.fullmatch(args.htm):
+        return f"--htm: not an HTTP method: {args.htm!r}"
+    if args.access_token is not None and not args.dpop_key:
+        return "--access-token needs --dpop-key (the key the token is bound to)"
+    return None
+
+
+def _proof_htu(url: str) -> str:
+    """RFC 9449 §4.2: the proof's htu is the target URI without query and fragment."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _bound_jkt(token: str) -> Any:
+    """The ``cnf.jkt`` of a token's (unverified) payload, None when it has none."""
+    import base64
+
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise ValueError("--access-token: not a compact JWT (three dot-separated parts)")
+    try:
+        payload = orjson.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, orjson.JSONDecodeError):
+        raise ValueError("--access-token: its payload is not base64url JSON") from None
+    cnf = payload.get("cnf") if isinstance(payload, dict) else None
+    return cnf.get("jkt") if isinstance(cnf, dict) else None
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     """Every argument is checked before anything is printed: a bad --exp after a throw-away
-    key's JWK would leave a JWK for a token that never came."""
-    from fastgate.config import parse_duration
-    from fastgate.devtoken import generate_key, load_key, mint
+    key's JWK would leave a JWK for a token that never came.
 
+    ``--dpop``: a token bound to a client key (``cnf.jkt``, RFC 9449 §6.1) and one proof for
+    ``--htm``/``--htu``; standard output is three lines: the token, the proof, a curl line."""
+    from fastgate.config import parse_duration
+    from fastgate.devtoken import (
+        DevKey,
+        generate_key,
+        jwk_thumbprint,
+        load_key,
+        make_dpop_proof,
+        mint,
+        private_jwk,
+    )
+
+    why = _dpop_usage(args)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
     claims: dict[str, Any] = {}
     if args.claims:
         try:
@@ -271,15 +339,56 @@ def cmd_token(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(str(exc) if "--exp" in str(exc) else f"--exp: {exc}", file=sys.stderr)
         return 2
-    if args.key:
+    client: DevKey | None = None
+    if args.dpop:
+        if args.dpop_key:
+            client = load_key(Path(args.dpop_key).read_bytes(), alg=args.dpop_alg)
+            if isinstance(client.private, bytes):
+                raise ValueError("--dpop-key: a DPoP key is asymmetric (RFC 9449 §4.2), "
+                                 "not an HMAC secret")
+        else:
+            client = generate_key(args.dpop_alg or "ES256")
+        jkt = jwk_thumbprint(client.public_jwk())
+        if args.access_token is not None:
+            token = args.access_token.strip()
+            bound = _bound_jkt(token)
+            if bound != jkt:
+                raise ValueError("--access-token is not bound to --dpop-key: its cnf.jkt is "
+                                 f"{bound!r}, the key's thumbprint is {jkt!r}")
+        else:
+            cnf = claims.get("cnf")
+            claims["cnf"] = {**(cnf if isinstance(cnf, dict) else {}), "jkt": jkt}
+    if args.dpop and args.access_token is not None:
+        key = None  # a proof for a token minted before: no issuer key involved
+    elif args.key:
         key = load_key(Path(args.key).read_bytes(), alg=args.alg, kid=args.kid)
     else:
         key = generate_key(args.alg or "RS256", kid=args.kid or "dev")
-    token = mint(key, claims, lifetime=lifetime)  # may refuse the claims: nothing printed yet
-    if not args.key:
+    if key is not None:
+        token = mint(key, claims, lifetime=lifetime)  # may refuse the claims: nothing printed
+    proof = ""
+    if client is not None:
+        proof = make_dpop_proof(client, htm=args.htm or "GET", htu=_proof_htu(args.htu),
+                                access_token=token)
+    if key is not None and not args.key:
         print("# no --key given: signed with a throw-away key; its public JWK:", file=sys.stderr)
         print(orjson.dumps(key.public_jwk()).decode(), file=sys.stderr)
+    if client is None:
+        print(token)
+        return 0
+    if not args.dpop_key:
+        print("# no --dpop-key given: a throw-away client key; its PRIVATE JWK (save it and "
+              "pass --dpop-key FILE --access-token TOKEN for more proofs):", file=sys.stderr)
+        print(orjson.dumps(private_jwk(client)).decode(), file=sys.stderr)
+    print(f"# token bound to cnf.jkt {jkt}; a proof is good for one request "
+          "(its jti) within the route's dpop.max_age", file=sys.stderr)
+    import shlex
+
+    method = [] if (args.htm or "GET") == "GET" else ["-X", shlex.quote(args.htm)]
     print(token)
+    print(proof)
+    print(" ".join(["curl", *method, "-H", f"'Authorization: DPoP {token}'",
+                    "-H", f"'DPoP: {proof}'", shlex.quote(args.htu)]))
     return 0
 
 
@@ -386,6 +495,20 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--scope", help="space-separated scopes")
     token.add_argument("--exp", default="10m", help="lifetime: seconds or 30s/10m/24h/7d/1h30m")
     token.add_argument("--claims", help="claims as a JSON object")
+    token.add_argument("--dpop", action="store_true",
+                       help="bind the token to a client key (cnf.jkt, RFC 9449) and print a "
+                            "DPoP proof for --htm/--htu and a curl line (stdout: token, "
+                            "proof, curl)")
+    token.add_argument("--dpop-key",
+                       help="client private key file, PEM or JWK (default: a throw-away EC "
+                            "P-256 key, printed as a private JWK on stderr)")
+    token.add_argument("--dpop-alg", help="proof alg (default: from the client key; RSA: "
+                                          "RS256, PS256 on request)")
+    token.add_argument("--htm", help="the proof's HTTP method (default GET)")
+    token.add_argument("--htu", help="the request URL the proof is for (query and fragment "
+                                     "are left out of the proof, kept in the curl line)")
+    token.add_argument("--access-token", metavar="TOKEN",
+                       help="with --dpop-key: no new token, a fresh proof for this one")
     token.add_argument("pairs", nargs="*", metavar="key=value",
                        help="extra claims; values are JSON when they parse, else strings")
     token.set_defaults(func=cmd_token)

@@ -223,6 +223,44 @@ class AuthConfig:
     hide_reasons: bool = False
     cors_preflight: Literal["bypass", "auth"] = "auth"
     certificate_bound: bool = False  # RFC 8705 §3: cnf["x5t#S256"] = the client certificate
+    dpop: DpopConfig | None = None  # RFC 9449; None: no DPoP on the route
+    one_time: bool = False  # RFC 7523 §3 item 7: a token's jti is accepted once
+
+
+#: RFC 9449 §4.3 check 5: asymmetric algorithms only (a proof signed with a shared secret
+#: proves nothing about possession).
+DPOP_DEFAULT_ALGORITHMS: tuple[str, ...] = (
+    "ES256", "ES384", "ES512", "EdDSA", "Ed25519", "RS256", "RS384", "RS512", "PS256", "PS384",
+    "PS512")
+
+
+@dataclass(frozen=True, slots=True)
+class DpopConfig:
+    """``auth.dpop`` (RFC 9449): proof-of-possession on a route (docs/security.md)."""
+
+    mode: Literal["allowed", "required"] = "allowed"
+    algorithms: tuple[str, ...] = DPOP_DEFAULT_ALGORITHMS
+    max_age: float = 60.0  # §11.1: a proof's iat may be at most this old ...
+    clock_skew: float = 5.0  # ... and at most this far in the future
+    nonce: bool = False  # §8: proofs must carry a nonce the gateway issued
+    external_url: str | None = None  # scheme://authority clients use; None: Host + TLS state
+
+
+@dataclass(frozen=True, slots=True)
+class RedisStoreConfig:
+    url: str  # redis://[[user]:password@]host[:port][/db], rediss:// (TLS), unix:///path
+    key_prefix: str = "fastgate:"
+    timeout: float = 0.05  # one round trip; past it the check counts as unavailable
+    on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayStoreConfig:
+    """``replay_store``: where DPoP proof jtis, one-time token jtis and DPoP nonces are
+    remembered. In-process by default (right for one worker); Redis to share them."""
+
+    max_entries: int = 1_000_000  # the memory store's bound (per worker)
+    redis: RedisStoreConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +318,7 @@ class GatewayConfig:
     metrics: bool = True
     drain_timeout: float = 30.0
     tls: TlsConfig | None = None  # None: plain HTTP on `listen`
+    replay_store: ReplayStoreConfig = field(default_factory=ReplayStoreConfig)
     log_format: Literal["text", "json"] = "text"  # operational logs (fastgate/logformat.py)
     source: str | None = None  # path the config was read from, for logs and reloads
 
@@ -313,7 +352,7 @@ _RESERVED_HEADERS = HOP_BY_HOP | frozenset({
 
 _TOP_KEYS = ("listen", "admin", "workers", "limits", "timeouts", "trusted_proxies", "cache",
              "upstreams", "providers", "api_keys", "routes", "access_log", "tracing", "metrics",
-             "drain_timeout", "tls", "log_format")
+             "drain_timeout", "tls", "log_format", "replay_store")
 # RFC 6838 §4.2 restricted-name type "/" subtype, as lower-case ASCII.
 _TYP_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 _PROVIDER_KEYS = ("issuer", *_KEY_SOURCES, "audiences", "algorithms", "clock_skew", "require",
@@ -321,9 +360,22 @@ _PROVIDER_KEYS = ("issuer", *_KEY_SOURCES, "audiences", "algorithms", "clock_ske
 _ROUTE_KEYS = ("name", "match", "upstream", "strip_prefix", "auth")
 _AUTH_KEYS = ("providers", "mode", "audiences", "scopes", "claims", "api_key", "allow_missing",
               "forward_token", "claim_headers", "payload_header", "failure_status",
-              "hide_reasons", "cors_preflight", "certificate_bound")
+              "hide_reasons", "cors_preflight", "certificate_bound", "dpop", "one_time")
 _CLAIM_OPS: tuple[ClaimOp, ...] = ("equals", "one_of", "contains", "present")
 _NONE: tuple[str, ...] = ()
+
+
+#: RFC 9449 §11.1 / RFC 7523 §3: a jti must be seen by every process that could accept it; a
+#: memory store per worker would let a replay through on another worker.
+SHARED_STORE_NEEDED = ("workers is not 1, and a route uses dpop or one_time: needs "
+                       "replay_store.redis (a memory store per worker would let a replay "
+                       "through on another worker)")
+
+
+def uses_replay_store(routes: tuple[RouteConfig, ...]) -> bool:
+    """Whether any route remembers jtis (DPoP proofs or one-time tokens)."""
+    return any(r.auth is not None and (r.auth.dpop is not None or r.auth.one_time)
+               for r in routes)
 
 
 def parse_duration(value: object, path: str | None = None) -> float:
@@ -939,8 +991,83 @@ class _Walker:
             log_format=cast(Literal["text", "json"], self.opt(
                 m, "log_format", "", str(d.log_format), self.choice, options=("text", "json"))),
             tls=self.tls(m["tls"], "tls") if m.get("tls") is not None else None,
+            replay_store=self.replay_store(m["replay_store"], "replay_store", workers, routes)
+            if m.get("replay_store") is not None else self.replay_store({}, "replay_store",
+                                                                         workers, routes),
             source=source,
         )
+
+    def replay_store(self, value: Any, path: str, workers: int,
+                     routes: tuple[RouteConfig, ...]) -> ReplayStoreConfig:
+        d = ReplayStoreConfig()
+        m = self.mapping(value, path, ("memory", "redis"))
+        if m is None:
+            return d
+        if "memory" in m and "redis" in m:
+            self.err(path, "needs one of memory, redis, not both")
+        max_entries = d.max_entries
+        if m.get("memory") is not None and (mm := self.mapping(
+                m["memory"], f"{path}.memory", ("max_entries",))):
+            max_entries = self.opt(mm, "max_entries", f"{path}.memory", d.max_entries,
+                                   self.integer, lo=1)
+        redis = None
+        if m.get("redis") is not None:
+            redis = self.redis_store(m["redis"], f"{path}.redis")
+        elif workers != 1 and uses_replay_store(routes):
+            self.err(path, SHARED_STORE_NEEDED)
+        return ReplayStoreConfig(max_entries, redis)
+
+    def redis_store(self, value: Any, path: str) -> RedisStoreConfig | None:
+        m = self.mapping(value, path, _field_names(RedisStoreConfig), required=("url",))
+        if m is None:
+            return None
+        d = RedisStoreConfig("")
+        url = self.opt(m, "url", path, "", self.string)
+        from fastgate.replay import parse_redis_url  # the store's own parser: one rule
+
+        try:
+            if url:
+                parse_redis_url(url)
+        except ValueError as exc:  # never names the password
+            why = str(exc).removeprefix("replay_store.redis.url: ")
+            self.err(f"{path}.url", f"{why} (redis://[[user]:password@]host[:port][/db], "
+                                    "rediss://... for TLS, or unix:///path)")
+        return RedisStoreConfig(
+            url,
+            self.opt(m, "key_prefix", path, d.key_prefix, self.string, empty=True),
+            self.opt(m, "timeout", path, d.timeout, self.duration, positive=True, hi=10.0),
+            cast(Literal["fail_closed", "fail_open"], self.opt(
+                m, "on_error", path, str(d.on_error), self.choice,
+                options=("fail_closed", "fail_open"))))
+
+    def dpop(self, value: Any, path: str) -> DpopConfig | None:
+        d = DpopConfig()
+        m = self.mapping(value, path, _field_names(DpopConfig))
+        if m is None:
+            return None
+        algorithms = self.opt(m, "algorithms", path, d.algorithms, self.algorithms)
+        for i, alg in enumerate(algorithms):
+            if alg in _HMAC_MIN_BYTES:
+                # RFC 9449 §4.3 check 5: the proof's alg is asymmetric.
+                self.err(f"{path}.algorithms[{i}]", f"{alg} is symmetric; a DPoP proof is "
+                                                    "signed with the client's private key")
+        external = self.opt(m, "external_url", path, None, self.string)
+        if external is not None:
+            parts = urlsplit(external)
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.query \
+                    or parts.fragment or parts.username is not None or \
+                    parts.path not in ("", "/"):
+                self.err(f"{path}.external_url", "must be scheme://host[:port] (what clients "
+                                                 f"put in htu, without a path), got "
+                                                 f"{external!r}")
+        return DpopConfig(
+            cast(Literal["allowed", "required"], self.opt(
+                m, "mode", path, str(d.mode), self.choice, options=("allowed", "required"))),
+            algorithms,
+            self.opt(m, "max_age", path, d.max_age, self.duration, positive=True, hi=3600.0),
+            self.opt(m, "clock_skew", path, d.clock_skew, self.duration, hi=_MAX_CLOCK_SKEW),
+            self.opt(m, "nonce", path, d.nonce, self.boolean),
+            external.rstrip("/") if external else None)
 
     def named(self, value: Any, path: str,
               parse: Callable[[str, Any, str], T | None]) -> dict[str, T]:
@@ -1448,7 +1575,21 @@ class _Walker:
             cors_preflight=cast(Literal["bypass", "auth"], self.opt(
                 m, "cors_preflight", path, "auth", self.choice, options=("bypass",))),
             certificate_bound=self.opt(m, "certificate_bound", path, False, self.boolean),
+            dpop=self.dpop(m["dpop"], f"{path}.dpop") if m.get("dpop") is not None else None,
+            one_time=self.one_time(m, path, names),
         )
+
+    def one_time(self, m: Mapping[str, Any], path: str, names: tuple[str, ...]) -> bool:
+        if not self.opt(m, "one_time", path, False, self.boolean):
+            return False
+        for name in names:
+            prov = self.providers.get(name)
+            if prov is not None and prov.max_lifetime is None:
+                # RFC 7523 §3 item 7: a jti is remembered until the token expires; without a
+                # lifetime bound an exp far ahead would pin it in the store for that long.
+                self.err(f"{path}.one_time", f"needs max_lifetime on provider {name!r} (it "
+                                             "bounds how long a used jti is remembered)")
+        return True
 
     def claim_template(self, value: str, path: str) -> ClaimTemplate | None:
         try:

@@ -1,7 +1,8 @@
-"""Development tokens: load a private key (PEM or JWK) and mint a signed JWT.
+"""Development tokens: load a private key (PEM or JWK) and mint a signed JWT; DPoP proofs
+(RFC 9449) and JWK thumbprints (RFC 7638) for sender-constrained tokens.
 
-For `fastgate token` and `fastgate demo` only. Production tokens come from an identity
-provider; nothing on the request path imports this module.
+For `fastgate token`, `fastgate demo`, tests and benchmarks only. Production tokens come from
+an identity provider; nothing on the request path imports this module.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -269,3 +271,110 @@ def private_pem(key: DevKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def private_jwk(key: DevKey) -> dict[str, Any]:
+    """The private JWK of an asymmetric key (what :func:`load_key` reads back), with its alg."""
+    private = key.private
+    jwk = _public_jwk(private)
+    if isinstance(private, rsa.RSAPrivateKey):
+        nums = private.private_numbers()
+        for name, value in (("d", nums.d), ("p", nums.p), ("q", nums.q), ("dp", nums.dmp1),
+                            ("dq", nums.dmq1), ("qi", nums.iqmp)):
+            jwk[name] = b64url(value.to_bytes((value.bit_length() + 7) // 8 or 1, "big"))
+    elif isinstance(private, ec.EllipticCurvePrivateKey):
+        size = _CURVES[private.curve.name][2]
+        jwk["d"] = b64url(private.private_numbers().private_value.to_bytes(size, "big"))
+    elif isinstance(private, ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey):
+        jwk["d"] = b64url(private.private_bytes_raw())
+    if key.kid:
+        jwk["kid"] = key.kid
+    jwk["alg"] = key.alg
+    return jwk
+
+
+# RFC 7638 §3.2: the members a thumbprint covers, per kty (sorted, as the hash input orders them).
+_THUMBPRINT_MEMBERS: dict[str, tuple[str, ...]] = {
+    "EC": ("crv", "kty", "x", "y"),
+    "RSA": ("e", "kty", "n"),
+    "OKP": ("crv", "kty", "x"),  # RFC 8037 §2
+    "oct": ("k", "kty"),
+}
+
+
+def jwk_thumbprint(jwk: Mapping[str, str]) -> str:
+    """RFC 7638 §3 SHA-256 JWK thumbprint, base64url without padding (RFC 9449 ``cnf.jkt``).
+
+    The hash input is a JSON object of the required members only, in lexicographic order, with
+    no whitespace; other members (``kid``, ``alg``, ``use``, private ones) do not change it.
+    ValueError for an unknown ``kty`` or a required member that is missing or not a string.
+    """
+    kty = jwk.get("kty")
+    members = _THUMBPRINT_MEMBERS.get(kty) if isinstance(kty, str) else None
+    if members is None:
+        raise ValueError(f"no RFC 7638 thumbprint for kty={kty!r}")
+    required: dict[str, str] = {}
+    for name in members:
+        value = jwk.get(name)
+        if not isinstance(value, str):
+            raise ValueError(f"JWK member {name!r} is missing or not a string")
+        required[name] = value
+    canonical = orjson.dumps(required, option=orjson.OPT_SORT_KEYS)  # compact: no whitespace
+    return b64url(hashlib.sha256(canonical).digest())
+
+
+def access_token_hash(access_token: str) -> str:
+    """RFC 9449 §4.2 ``ath``: base64url(SHA-256(ASCII of the access token))."""
+    return b64url(hashlib.sha256(access_token.encode("ascii")).digest())
+
+
+def make_dpop_proof(
+    private_key: PrivateKey | DevKey,
+    *,
+    htm: str,
+    htu: str,
+    access_token: str | None = None,
+    nonce: str | None = None,
+    iat: float | None = None,
+    jti: str | None = None,
+    alg: str | None = None,
+    extra_claims: Mapping[str, Any] | None = None,
+    extra_header: Mapping[str, Any] | None = None,
+) -> str:
+    """A DPoP proof JWT (RFC 9449 §4.2) signed with ``private_key``.
+
+    Header ``{"typ": "dpop+jwt", "alg", "jwk"}`` with the key's PUBLIC JWK (no kid, alg or
+    use members); claims ``jti`` (16 random bytes, base64url, unless given), ``htm``, ``htu``
+    (used as given: RFC 9449 wants it without query and fragment), ``iat`` (an integer; now
+    unless given), ``ath`` of ``access_token`` when one is given and ``nonce`` when given.
+    ``alg`` defaults to the key's (ES256/ES384/ES512 by curve, EdDSA, RS256 for RSA; PS* and
+    RS384/512 on request). ``extra_claims``/``extra_header`` are merged last, so tests can
+    make a proof that breaks one rule. ValueError for an HMAC secret (a proof is asymmetric)
+    or an alg the key cannot make.
+    """
+    if isinstance(private_key, DevKey):
+        alg = alg or private_key.alg
+        private_key = private_key.private
+    if isinstance(private_key, bytes):
+        raise ValueError("a DPoP proof needs an asymmetric key (RFC 9449 §4.2), not an HMAC "
+                         "secret")
+    alg = alg or default_alg(private_key)
+    check_alg(private_key, alg)
+    header: dict[str, Any] = {"typ": "dpop+jwt", "alg": alg, "jwk": _public_jwk(private_key)}
+    if extra_header:
+        header.update(extra_header)
+    claims: dict[str, Any] = {
+        "jti": jti if jti is not None else b64url(secrets.token_bytes(16)),
+        "htm": htm,
+        "htu": htu,
+        "iat": int(time.time() if iat is None else iat),
+    }
+    if access_token is not None:
+        claims["ath"] = access_token_hash(access_token)
+    if nonce is not None:
+        claims["nonce"] = nonce
+    if extra_claims:
+        claims.update(extra_claims)
+    signing_input = f"{b64url(orjson.dumps(header))}.{b64url(orjson.dumps(claims))}"
+    signature = _sign(DevKey(private_key, alg), signing_input.encode("ascii"))
+    return f"{signing_input}.{b64url(signature)}"

@@ -45,6 +45,7 @@ import orjson
 
 from fastgate._verify import Result, verify_jws
 from fastgate.config import AuthConfig, ClaimRule, GatewayConfig, ProviderConfig, RouteConfig
+from fastgate.jwks import KeySourceBase
 from fastgate.policy import Policy, is_missing, lookup, token_scopes
 from fastgate.reasons import Reason
 
@@ -348,10 +349,10 @@ def _key_document(provider: ProviderConfig, source: Any) -> list[dict[str, Any]]
     elif provider.key_source == "jwks_file" and provider.jwks_file:
         with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
             keys = orjson.loads(Path(provider.jwks_file).read_bytes()).get("keys")
-    else:
-        # Remote sources keep the last applied document's keys (see fastgate.jwks._Base).
-        keys = getattr(source, "_applied_keys", None)
-    if not isinstance(keys, list):
+    elif isinstance(source, KeySourceBase):
+        # Remote sources keep the last applied document's keys.
+        keys = source.applied_keys
+    if not isinstance(keys, list | tuple):
         return []
     return [k for k in keys if isinstance(k, dict)]
 

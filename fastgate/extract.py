@@ -227,5 +227,16 @@ class TokenExtractor:
                 return reason, []
         return Reason.OK, found
 
+    def index_of(self, source: TokenSource) -> int:
+        """The index of ``source`` among this extractor's sources (compared as
+        :func:`dedupe_sources` compares them), or -1."""
+        want = dedupe_sources([[source]])[0]
+        for i, src in enumerate(self.sources):
+            if src.place == want.place and src.prefix.lower() == want.prefix.lower() and (
+                    src.name.lower() == want.name.lower() if src.place == "header"
+                    else src.name == want.name):
+                return i
+        return -1
+
     def source(self, index: int) -> TokenSource:
         return self.sources[index]

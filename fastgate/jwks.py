@@ -97,9 +97,11 @@ from fastgate.tasks import cancel_and_wait
 __all__ = [
     "KID_REFRESH_WAIT",
     "MAX_JWKS_KEYS",
+    "FetchError",
     "FileKeySource",
     "JwksMetrics",
     "KeySource",
+    "KeySourceBase",
     "KeySourceError",
     "KeySourceState",
     "RemoteKeySource",
@@ -226,8 +228,8 @@ def _check_http_url(url: str, what: str) -> str:
     return url
 
 
-class _FetchError(Exception):
-    """A failed fetch; the message is a short, log-safe description."""
+class FetchError(Exception):
+    """A failed fetch or a refused key set; the message is a short, log-safe description."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,7 +237,14 @@ class _FetchError(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-class _Base:
+class KeySourceBase:
+    """What every key source shares: the verifier it feeds, the key set in use, readiness and
+    the fetch bookkeeping behind :class:`KeySourceState` and the ``fastgate_jwks_*`` hooks.
+
+    Subclasses (here and :class:`fastgate.sharedkeys.SharedKeySource`) load documents with
+    :meth:`apply` and may override the ``_keys_changed`` hook.
+    """
+
     kind: str = "static"
 
     def __init__(
@@ -283,6 +292,16 @@ class _Base:
         return None
 
     @property
+    def applied_keys(self) -> tuple[Any, ...] | None:
+        """The ``keys`` array of the document in use (a copy, as the JWKS had it: usable and
+        skipped members alike); None before the first document or after a drop.
+
+        Static sources built with their keys already in the verifier report None until a
+        document is applied (see :meth:`StaticKeySource.start`)."""
+        keys = self._applied_keys
+        return tuple(keys) if keys is not None else None
+
+    @property
     def state(self) -> KeySourceState:
         age = None
         if self._last_success_mono is not None:
@@ -315,7 +334,7 @@ class _Base:
 
     # -- key set -----------------------------------------------------------------------------
 
-    def _probe(self, doc: Mapping[str, Any]) -> KeyReport:
+    def probe(self, doc: Mapping[str, Any]) -> KeyReport:
         """What the verifier would load from ``doc``, without touching the live key set.
 
         ``set_jwks`` replaces the keys in place, so a document whose keys are all unusable
@@ -330,24 +349,29 @@ class _Base:
         )
         return probe.set_jwks(doc)
 
-    def _apply(self, doc: Any, origin: str) -> None:
-        """Install ``doc`` as the key set, or raise _FetchError and leave the old set alone."""
+    def apply(self, doc: Any, origin: str) -> None:
+        """Install ``doc`` as the key set, or raise :class:`FetchError` and leave the old set
+        alone (``origin`` names the document's source in the log lines).
+
+        The gateway's acceptance rules: a JWKS object, at most :data:`MAX_JWKS_KEYS` keys, at
+        least one usable key (checked by :meth:`probe` first); the same ``keys`` as the set in
+        use changes nothing (the verifier and its token cache stay)."""
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
-            raise _FetchError("not a JWKS (no 'keys' array)")
+            raise FetchError("not a JWKS (no 'keys' array)")
         keys: list[Any] = doc["keys"]
         if len(keys) > MAX_JWKS_KEYS:
-            raise _FetchError(f"too many keys ({len(keys)} > {MAX_JWKS_KEYS})")
+            raise FetchError(f"too many keys ({len(keys)} > {MAX_JWKS_KEYS})")
         if self._applied_keys is not None and keys == self._applied_keys and self.ready:
             return  # unchanged: keep the verifier (and its token cache) as is
         try:
-            report = self._probe(doc)
+            report = self.probe(doc)
         except ValueError as exc:
-            raise _FetchError(f"not a JWKS ({_safe(exc, 80)})") from exc
+            raise FetchError(f"not a JWKS ({_safe(exc, 80)})") from exc
         for kid, why in report.skipped:
             log.warning("jwks provider=%s source=%s: key kid=%s skipped: %s",
                         self.name, origin, _safe(kid, 64), _safe(why, 80))
         if report.loaded == 0:
-            raise _FetchError(f"no usable keys ({len(report.skipped)} skipped)")
+            raise FetchError(f"no usable keys ({len(report.skipped)} skipped)")
         before = self._kids
         live = self.verifier.set_jwks(doc)
         self._applied_keys = keys
@@ -426,7 +450,7 @@ class _Base:
 # ---------------------------------------------------------------------------------------------
 
 
-class StaticKeySource(_Base):
+class StaticKeySource(KeySourceBase):
     """Inline ``jwks`` or an HS ``secret``: the verifier already holds the keys."""
 
     def __init__(self, provider: ProviderConfig, verifier: Verifier, *,
@@ -437,8 +461,8 @@ class StaticKeySource(_Base):
     async def start(self) -> None:
         if not self.ready and self.provider.jwks is not None:
             # The verifier was built without the inline set; load it (skips are logged).
-            with contextlib.suppress(_FetchError):
-                self._apply(self.provider.jwks, "inline")
+            with contextlib.suppress(FetchError):
+                self.apply(self.provider.jwks, "inline")
         if not self.ready:
             raise KeySourceError(f"provider {self.name}: the {self.kind} key source has no "
                                  "usable key")
@@ -462,7 +486,7 @@ class StaticKeySource(_Base):
 _FileSig = tuple[int, int, int, int]
 
 
-class FileKeySource(_Base):
+class FileKeySource(KeySourceBase):
     """``jwks_file``: loaded at start, reloaded when (dev, inode, size, mtime) changes."""
 
     kind = "jwks_file"
@@ -482,7 +506,7 @@ class FileKeySource(_Base):
     async def start(self) -> None:
         if self._task is not None:
             return
-        error = self._reload()
+        error = self.reload()
         if error is not None:
             raise KeySourceError(f"provider {self.name}: jwks_file {self.path}: {error}")
         self._task = asyncio.get_running_loop().create_task(
@@ -517,7 +541,7 @@ class FileKeySource(_Base):
                 self._last_success_wall = self._wall()
             ok = self._last_error is None
         else:
-            ok = self._reload() is None
+            ok = self.reload() is None
         # Published on every check, failed ones too: fastgate_jwks_age_seconds of a file is the
         # age of its last successful load (or of the last check that found it unchanged since),
         # so it grows while the file is missing, unreadable or invalid, and an alert can see it.
@@ -528,7 +552,9 @@ class FileKeySource(_Base):
         st = os.stat(self.path)
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _reload(self) -> str | None:
+    def reload(self) -> str | None:
+        """Read and apply the file now, changed or not (``max_bytes``, JSON, :meth:`apply`);
+        counted as a fetch. None on success, else the log-safe error (old keys kept)."""
         started = time.perf_counter()
         error: str | None = None
         try:
@@ -536,13 +562,13 @@ class FileKeySource(_Base):
             with open(self.path, "rb") as fh:
                 data = fh.read(self.cfg.max_bytes + 1)
             if len(data) > self.cfg.max_bytes:
-                raise _FetchError(f"file exceeds max_bytes ({self.cfg.max_bytes})")
+                raise FetchError(f"file exceeds max_bytes ({self.cfg.max_bytes})")
             try:
                 doc = orjson.loads(data)
             except orjson.JSONDecodeError as exc:
-                raise _FetchError("not JSON") from exc
-            self._apply(doc, "file")
-        except _FetchError as exc:
+                raise FetchError("not JSON") from exc
+            self.apply(doc, "file")
+        except FetchError as exc:
             error = str(exc)
         except OSError as exc:
             self._sig = None
@@ -568,7 +594,7 @@ class FileKeySource(_Base):
 # ---------------------------------------------------------------------------------------------
 
 
-class RemoteKeySource(_Base):
+class RemoteKeySource(KeySourceBase):
     """``jwks_uri`` or OIDC discovery, refreshed in the background (see the module doc)."""
 
     def __init__(
@@ -763,15 +789,15 @@ class RemoteKeySource(_Base):
                 if self.discovery_url is not None and (
                         self.jwks_uri is None
                         or self._consecutive_failures >= REDISCOVER_AFTER_FAILURES):
-                    await self._discover()
-                if self.jwks_uri is None:  # pragma: no cover - _discover sets it or raises
-                    raise _FetchError("no jwks_uri")
-                doc, cache_control = await self._get_json(self.jwks_uri)
+                    await self.discover()
+                if self.jwks_uri is None:  # pragma: no cover - discover() sets it or raises
+                    raise FetchError("no jwks_uri")
+                doc, cache_control = await self.get_json(self.jwks_uri)
                 ttl = ttl_from_cache_control(cache_control, self.cfg)
-                self._apply(doc, "jwks_uri")
+                self.apply(doc, "jwks_uri")
         except asyncio.CancelledError:
             raise
-        except _FetchError as exc:
+        except FetchError as exc:
             error = str(exc)
         except TimeoutError:
             error = f"timeout after {self.cfg.timeout:g}s"
@@ -805,28 +831,31 @@ class RemoteKeySource(_Base):
         delay = min(cap, base * (2.0 ** min(n, 30)))
         return max(_MIN_DELAY, delay * random.uniform(0.9, 1.1))
 
-    async def _discover(self) -> None:
+    async def discover(self) -> None:
+        """Fetch the discovery document and take its ``jwks_uri`` (issuer identical to the
+        configured one, http(s), https for an https issuer). Raises :class:`FetchError` when
+        there is no ``jwks_uri`` yet; a failed re-discovery keeps the one there is."""
         assert self.discovery_url is not None
         try:
-            doc, _ = await self._get_json(self.discovery_url)
+            doc, _ = await self.get_json(self.discovery_url)
             if not isinstance(doc, dict):
-                raise _FetchError("discovery document is not a JSON object")
+                raise FetchError("discovery document is not a JSON object")
             issuer = doc.get("issuer")
             if issuer != self.provider.issuer:
                 # OIDC Discovery 1.0 §4.3: the issuer MUST be identical to the one configured.
-                raise _FetchError(
+                raise FetchError(
                     f"discovery issuer mismatch: configured {_safe(self.provider.issuer, 100)}, "
                     f"discovered {_safe(issuer, 100)}")
             uri = doc.get("jwks_uri")
             if not isinstance(uri, str):
-                raise _FetchError("discovery document has no jwks_uri")
+                raise FetchError("discovery document has no jwks_uri")
             try:
                 _check_http_url(uri, "jwks_uri")
             except ValueError as exc:
-                raise _FetchError(f"discovery jwks_uri refused: {_safe(uri, 100)}") from exc
+                raise FetchError(f"discovery jwks_uri refused: {_safe(uri, 100)}") from exc
             if self.discovery_url.startswith("https:") and not uri.startswith("https:"):
-                raise _FetchError(f"discovery jwks_uri is not https: {_safe(uri, 100)}")
-        except _FetchError as exc:
+                raise FetchError(f"discovery jwks_uri is not https: {_safe(uri, 100)}")
+        except FetchError as exc:
             if self.jwks_uri is None:
                 raise
             log.warning("jwks provider=%s: re-discovery failed (%s); keeping jwks_uri %s",
@@ -836,7 +865,11 @@ class RemoteKeySource(_Base):
             log.info("jwks provider=%s: discovered jwks_uri %s", self.name, _safe(uri))
             self.jwks_uri = uri
 
-    async def _get_json(self, url: str) -> tuple[Any, str | None]:
+    async def get_json(self, url: str) -> tuple[Any, str | None]:
+        """GET ``url`` under the fetch rules (no redirects, ``max_bytes``, identity encoding)
+        and parse it: (the JSON value, the ``Cache-Control`` header or None). Raises
+        :class:`FetchError`, or the aiohttp, OS and timeout errors the caller maps (the
+        request's own total timeout is ``jwks_cache.timeout``)."""
         session = self._get_session()
         max_bytes = self.cfg.max_bytes
         async with session.get(
@@ -847,24 +880,24 @@ class RemoteKeySource(_Base):
                      "Accept-Encoding": "identity"},
         ) as resp:
             if 300 <= resp.status < 400:
-                raise _FetchError(f"redirect refused (http {resp.status})")
+                raise FetchError(f"redirect refused (http {resp.status})")
             if resp.status != 200:
-                raise _FetchError(f"http {resp.status}")
+                raise FetchError(f"http {resp.status}")
             encoding = resp.headers.get("Content-Encoding", "").strip().lower()
             if encoding not in ("", "identity"):
-                raise _FetchError(f"content-encoding {_safe(encoding, 30)} refused")
+                raise FetchError(f"content-encoding {_safe(encoding, 30)} refused")
             if resp.content_length is not None and resp.content_length > max_bytes:
-                raise _FetchError(f"body exceeds max_bytes ({resp.content_length} > {max_bytes})")
+                raise FetchError(f"body exceeds max_bytes ({resp.content_length} > {max_bytes})")
             body = bytearray()
             async for chunk in resp.content.iter_any():
                 body += chunk
                 if len(body) > max_bytes:
-                    raise _FetchError(f"body exceeds max_bytes ({max_bytes})")
+                    raise FetchError(f"body exceeds max_bytes ({max_bytes})")
             cache_control = ", ".join(resp.headers.getall("Cache-Control", ())) or None
         try:
             return orjson.loads(body), cache_control
         except orjson.JSONDecodeError as exc:
-            raise _FetchError("body is not JSON") from exc
+            raise FetchError("body is not JSON") from exc
 
 
 # ---------------------------------------------------------------------------------------------

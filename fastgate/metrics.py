@@ -8,7 +8,8 @@ a label value (unbounded cardinality, and an attacker-controlled one).
 Hot path
 --------
 The data-plane methods (``request_done``, ``reject``, ``verify_observe``, ``cache_lookup``,
-``upstream_observe``, ``upstream_error``, ``inflight_inc``/``inflight_dec``) never touch
+``upstream_observe``, ``upstream_error``, ``inflight_inc``/``inflight_dec`` and the replay
+store's ``replay_result``, ``replay_error``, ``replay_observe``) never touch
 prometheus_client. They add to plain per-process lists indexed by integers that the data plane
 computed once at start-up (route index, upstream index, ``Reason`` value, status // 100), so a
 request costs a few list increments and one ``bisect`` per histogram. ``flush()`` moves the
@@ -22,6 +23,27 @@ Why not ``child.inc()`` per request: measured on the development box (2 shared c
 ``os.getpid()`` and an mmap write each), ``Histogram.observe()`` 1.2-2.1 µs / 3.0-4.0 µs. The
 seven updates of a proxied request cost 6-8 µs / 18-22 µs that way, 1.0-1.5 µs in either mode
 this way; a proxied request costs ~170 µs of gateway CPU (budget: 5 %).
+
+Replay store
+------------
+Three families beside SPEC §7 (issue 11), fed by ``fastgate.replay`` through hooks that
+``replay.build_store(config, metrics=...)`` binds once (any binding of this object works; a
+missing method is a no-op):
+
+``replay_result(store_idx, result)``
+    one answered check: ``fastgate_replay_store_checks_total{store, result}``; ``store_idx``
+    indexes ``REPLAY_STORES`` (``memory``, ``redis``), ``result`` is the check's code
+    (``replay.FRESH`` .. ``replay.UNAVAILABLE``), which indexes ``REPLAY_RESULTS``.
+``replay_error(store_idx, kind_idx)``
+    one store failure: ``fastgate_replay_store_errors_total{store, kind}``; ``kind_idx``
+    indexes ``REPLAY_ERROR_KINDS`` (``timeout``, ``connection``, ``protocol``, ``full``).
+``replay_observe(seconds)``
+    one redis round trip: ``fastgate_replay_store_duration_seconds{store="redis"}`` (the
+    memory store answers in well under a microsecond and is not timed; only the redis
+    histogram is pre-bound).
+
+All 16 counter series are pre-bound whichever store is configured (a ``rate()`` over a series
+that does not exist yet would hide the first failures from an alert).
 
 Multi-process mode
 ------------------
@@ -45,6 +67,7 @@ import contextlib
 import importlib.machinery
 import os
 import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -63,6 +86,7 @@ from prometheus_client import values as _pc_values
 from fastgate._counters import Counters, configure
 from fastgate.config import GatewayConfig
 from fastgate.reasons import REJECT_REASONS, Reason
+from fastgate.replay import REPLAY_ERROR_KINDS, REPLAY_RESULTS, REPLAY_STORES
 from fastgate.tasks import cancel_and_wait
 
 __all__ = [
@@ -70,6 +94,9 @@ __all__ = [
     "LATENCY_BUCKETS",
     "MULTIPROC_ENV",
     "NO_ROUTE",
+    "REPLAY_ERROR_KINDS",
+    "REPLAY_RESULTS",
+    "REPLAY_STORES",
     "STATUS_CLASSES",
     "UPSTREAM_ERROR_KINDS",
     "VERIFY_BUCKETS",
@@ -131,6 +158,10 @@ _HELP: Final = {
     "inflight": "Requests in flight (summed over workers).",
     "build_info": "Always 1; labels tell the version and whether the compiled verifier runs.",
     "config_reloads": "Configuration reloads, by result.",
+    "replay_checks": "Replay store checks (DPoP proof jtis, one-time tokens), by store and result.",
+    "replay_errors": "Replay store failures, by store and kind (timeout, connection, protocol, "
+                     "full).",
+    "replay_duration": "Replay store round trip (redis), from the check to its answer.",
 }
 
 
@@ -279,7 +310,7 @@ class MetricsBinding(Counters):
     after a reload) keeps counting under the names it was made for.
     """
 
-    __slots__ = ("_routes", "_upstreams")
+    __slots__ = ("_replay_checks", "_replay_dur", "_replay_errors", "_routes", "_upstreams")
     _routes: tuple[str, ...]
     _upstreams: tuple[str, ...]
     _req: list[list[int]]  # [route_idx][status slot]
@@ -291,6 +322,9 @@ class MetricsBinding(Counters):
     _verify: list[float]
     _cache: list[int]  # [miss, hit]
     _gauges: list[int]  # [_INFLIGHT, _CACHE_ENTRIES]
+    _replay_checks: list[list[int]]  # [store_idx][result code]
+    _replay_errors: list[list[int]]  # [store_idx][kind_idx]
+    _replay_dur: list[float]  # the redis round-trip histogram's cells
 
     def _set_rows(
         self,
@@ -313,6 +347,23 @@ class MetricsBinding(Counters):
 
     def upstream_index(self, upstream: str) -> int:
         return self._upstreams.index(upstream)
+
+    # The replay store's hooks (fastgate.replay binds them once; plain Python: a few list
+    # operations, no prometheus_client).
+
+    def replay_result(self, store_idx: int, result: int) -> None:
+        """One answered replay-store check (``result``: a ``fastgate.replay`` code)."""
+        self._replay_checks[store_idx][result] += 1
+
+    def replay_error(self, store_idx: int, kind_idx: int) -> None:
+        """One replay-store failure (``kind_idx`` indexes ``REPLAY_ERROR_KINDS``)."""
+        self._replay_errors[store_idx][kind_idx] += 1
+
+    def replay_observe(self, seconds: float) -> None:
+        """One redis round trip."""
+        cells = self._replay_dur
+        cells[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        cells[-1] += seconds
 
 
 class Metrics(MetricsBinding):
@@ -343,6 +394,9 @@ class Metrics(MetricsBinding):
         "_public_routes",
         "_registry",
         "_reload_children",
+        "_replay_err_rows",
+        "_replay_histo",
+        "_replay_rows",
         "_retired",
         "_route_rows",
         "_task",
@@ -391,6 +445,13 @@ class Metrics(MetricsBinding):
             extension=extension if extension is not None else build_extension(),
         )
         self._build_info.set(1)
+        self._replay_rows = [_Row([f.replay_checks.labels(store=s, result=r)
+                                   for r in REPLAY_RESULTS])
+                             for s in REPLAY_STORES]  # fmt: skip
+        self._replay_err_rows = [_Row([f.replay_errors.labels(store=s, kind=k)
+                                       for k in REPLAY_ERROR_KINDS])
+                                 for s in REPLAY_STORES]  # fmt: skip
+        self._replay_histo = _Histo(f.replay_duration.labels(store="redis"), len(LATENCY_BUCKETS))
         self._route_rows: dict[str, _RouteRows] = {}
         self._upstream_rows: dict[str, _UpstreamRows] = {}
         self._providers: dict[str, int] = {}
@@ -418,6 +479,9 @@ class Metrics(MetricsBinding):
                 if u not in self._upstream_rows:
                     self._upstream_rows[u] = _UpstreamRows(f, u)
         target._cache, target._gauges, target._verify = self._cache, self._gauges, self._verify
+        target._replay_checks = [r.counts for r in self._replay_rows]
+        target._replay_errors = [r.counts for r in self._replay_err_rows]
+        target._replay_dur = self._replay_histo.cells
         target._set_rows(
             route_names,
             [self._route_rows[r] for r in route_names],
@@ -541,6 +605,9 @@ class Metrics(MetricsBinding):
                 upstream.errors.flush()
             self._cache_row.flush()
             self._verify_histo.flush()
+            for row in (*self._replay_rows, *self._replay_err_rows):
+                row.flush()
+            self._replay_histo.flush()
             if self._cache_entries_fn is not None:
                 self._gauges[_CACHE_ENTRIES] = self._cache_entries_fn()
             self._cache_entries_g.set(self._gauges[_CACHE_ENTRIES])
@@ -638,6 +705,15 @@ class NullMetrics(Metrics):
         pass
 
     def inflight_dec(self) -> None:
+        pass
+
+    def replay_result(self, store_idx: int, result: int) -> None:
+        pass
+
+    def replay_error(self, store_idx: int, kind_idx: int) -> None:
+        pass
+
+    def replay_observe(self, seconds: float) -> None:
         pass
 
     def fetch(self, provider: str, result: str, seconds: float) -> None:
@@ -742,6 +818,18 @@ class _Families:
         self.config_reloads = Counter(
             "fastgate_config_reloads_total", h["config_reloads"], ["result"], registry=r
         )
+        self.replay_checks = Counter(
+            "fastgate_replay_store_checks_total", h["replay_checks"], ["store", "result"],
+            registry=r,
+        )  # fmt: skip
+        self.replay_errors = Counter(
+            "fastgate_replay_store_errors_total", h["replay_errors"], ["store", "kind"],
+            registry=r,
+        )  # fmt: skip
+        self.replay_duration = Histogram(
+            "fastgate_replay_store_duration_seconds", h["replay_duration"], ["store"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
 
 
 class _WithoutCreated:

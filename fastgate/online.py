@@ -27,9 +27,9 @@ import orjson
 from fastgate import Verifier
 from fastgate.config import GatewayConfig, ProviderConfig, UpstreamConfig
 from fastgate.jwks import (
+    FetchError,
     FileKeySource,
     RemoteKeySource,
-    _FetchError,
     discovery_url,
 )
 from fastgate.upstream import UpstreamError, UpstreamPool
@@ -129,13 +129,13 @@ def _file(p: ProviderConfig) -> Item:
     path = p.jwks_file or ""
     what = f"{_where(p)} jwks_file {path}"
     source = FileKeySource(p, _verifier(p), path=path)
-    error = source._reload()  # the gateway's own read: max_bytes, JSON, usable keys
+    error = source.reload()  # the gateway's own read: max_bytes, JSON, usable keys
     if error is not None:
         return Item(what, False, error)
     try:
         with open(path, "rb") as fh:
             doc = orjson.loads(fh.read(p.jwks_cache.max_bytes + 1))
-        _, text = _keys_detail(source._probe(doc))
+        _, text = _keys_detail(source.probe(doc))
     except (OSError, ValueError) as exc:  # changed between the two reads
         return Item(what, False, f"cannot read: {exc}")
     return Item(what, True, text)
@@ -152,7 +152,7 @@ async def _remote(p: ProviderConfig) -> list[Item]:
             url = discovery_url(p.issuer)
             source = RemoteKeySource(p, verifier, discovery=url, session=session)
             what = f"{where} discovery {url}"
-            error = await _exchange(source._discover(), p.jwks_cache.timeout)
+            error = await _exchange(source.discover(), p.jwks_cache.timeout)
             if error is not None:
                 return [Item(what, False, _issuer_hint(p.issuer, error))]
             items.append(Item(what, True, f"issuer matches {p.issuer!r}; jwks_uri "
@@ -164,10 +164,10 @@ async def _remote(p: ProviderConfig) -> list[Item]:
         got: dict[str, Any] = {}
 
         async def fetch() -> None:
-            doc, _ = await source._get_json(jwks_uri)
-            with contextlib.suppress(ValueError, TypeError):  # not a JWKS: _apply says so
-                got["report"] = source._probe(doc)  # every key's verdict, usable or not
-            source._apply(doc, "online check")  # the gateway's own acceptance rules
+            doc, _ = await source.get_json(jwks_uri)
+            with contextlib.suppress(ValueError, TypeError):  # not a JWKS: apply says so
+                got["report"] = source.probe(doc)  # every key's verdict, usable or not
+            source.apply(doc, "online check")  # the gateway's own acceptance rules
 
         error = await _exchange(fetch(), p.jwks_cache.timeout)
         if "report" in got:
@@ -185,7 +185,7 @@ async def _exchange(coro: Any, timeout: float) -> str | None:
     try:
         async with asyncio.timeout(timeout):
             await coro
-    except _FetchError as exc:
+    except FetchError as exc:
         return str(exc)
     except TimeoutError:
         return f"timeout after {timeout:g}s"

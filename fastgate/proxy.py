@@ -21,11 +21,14 @@ from time import perf_counter
 from typing import Any, Protocol
 
 from fastgate import httpfields
-from fastgate._verify import IssuerSet, Result, TokenCache, Verifier
+from fastgate._verify import DpopRule, IssuerSet, Result, TokenCache, Verifier
 from fastgate.apikeys import ApiKeyCheck, ApiKeyTable
+from fastgate.config import ReplayStoreConfig
+from fastgate.dpop import DPOP_SOURCE, Possession, one_time_key
 from fastgate.extract import TokenExtractor, iter_query, strip_cookie, strip_query_param
 from fastgate.policy import Policy
 from fastgate.reasons import Reason
+from fastgate.replay import build_store
 from fastgate.responses import Canned
 from fastgate.routes import RouteTable
 from fastgate.upstream import UpstreamPool
@@ -114,10 +117,15 @@ class RouteRuntime:
         "allow_missing",
         "api_key",
         "auth",
+        "binding_wire",
         "body_timeout",
         "certificate_bound",
         "claim_cache",
         "cors_bypass",
+        "dpop",
+        "dpop_base",
+        "dpop_index",
+        "dpop_required",
         "extractor",
         "fast_header",
         "fast_prefix",
@@ -128,11 +136,17 @@ class RouteRuntime:
         "max_token_chars",
         "mode_all",
         "name",
+        "nonces",
+        "one_time",
+        "one_time_lifetime",
+        "one_time_skew",
         "policy",
         "policy_checks",
         "policy_headers",
         "pool",
+        "possession",
         "rejects",
+        "replay",
         "route",
         "upstream",
         "upstream_index",
@@ -159,6 +173,7 @@ class RouteRuntime:
         forward_token: bool = True,
         cors_bypass: bool = False,
         certificate_bound: bool = False,
+        possession: Possession | None = None,
     ) -> None:
         self.route = route
         self.index: int = route.index
@@ -198,14 +213,34 @@ class RouteRuntime:
         # (bounded; cleared when full) so a cached token's headers are not re-encoded.
         self.max_token_chars: int = extractor.max_token_bytes if extractor is not None else 0
         self.claim_cache: dict[str, bytes] = {}
+        # Proof of possession and replay (fastgate/dpop.py compiles them; RFC 9449, RFC 7523).
+        pos = possession if possession is not None else Possession()
+        self.dpop: DpopRule | None = pos.dpop
+        self.dpop_required = pos.required
+        self.dpop_base = pos.external_url
+        self.dpop_index = -1
+        if pos.dpop is not None and extractor is not None:
+            self.dpop_index = extractor.index_of(DPOP_SOURCE)
+        self.nonces = pos.nonces
+        self.one_time = pos.one_time
+        self.one_time_skew = pos.one_time_skew
+        self.one_time_lifetime = pos.one_time_lifetime
+        self.replay = pos.replay
+        self.possession = pos.dpop is not None or pos.one_time
+        self.binding_wire = Wire(pos.binding_reject)
+
+    def one_time_key(self, claims: Mapping[str, Any]) -> tuple[bytes, float] | None:
+        """The replay-store key of a one-time token and how long to remember it (until it
+        expires, RFC 7523 §3 item 7), or None when it lacks ``jti`` or ``exp``."""
+        return one_time_key(claims, self.one_time_skew, self.one_time_lifetime)
 
 
 class Tables:
     """One compiled configuration: what a request reads. Replaced whole on reload."""
 
     __slots__ = ("api_keys", "cache", "config", "header_actions", "hooks", "inflight",
-                 "key_sources", "max_body_bytes", "max_header_bytes", "no_route", "pools", "routes",
-                 "runtimes", "uses_host", "verifiers")
+                 "key_sources", "max_body_bytes", "max_header_bytes", "no_route", "pools",
+                 "replay", "routes", "runtimes", "uses_host", "verifiers")
 
     header_actions: dict[bytes, int]
 
@@ -225,6 +260,7 @@ class Tables:
         max_header_bytes: int,
         hooks: MetricsHooks | None = None,
         auth_headers: frozenset[str] = frozenset(),
+        replay: Any = None,
     ) -> None:
         self.config = config
         # Metrics bound to THIS configuration's route/upstream indexes: a request in flight
@@ -237,6 +273,8 @@ class Tables:
         self.key_sources = key_sources
         self.cache = cache
         self.api_keys = api_keys
+        # The replay store (fastgate.replay): DPoP proof jtis, one-time tokens, nonces.
+        self.replay = replay if replay is not None else build_store(ReplayStoreConfig())
         self.max_body_bytes = max_body_bytes
         self.max_header_bytes = max_header_bytes
         self.uses_host = any(r.host is not None for r in routes.routes)
@@ -433,7 +471,9 @@ class DataPlane:
             src = rt.extractor.source(index)
             if src.place == "header":
                 lname = src.name.lower().encode("latin-1")
-                fwd = [h for h in fwd if h[0].lower() != lname]
+                # A DPoP token's proof (RFC 9449 §4.1) is useless without it: it goes too.
+                drop = {lname, b"dpop"} if index == rt.dpop_index else {lname}
+                fwd = [h for h in fwd if h[0].lower() not in drop]
             elif src.place == "query":
                 qs = strip_query_param(qs, src.name)
             else:

@@ -36,6 +36,20 @@ class Reason(IntEnum):
     #: RFC 8705 §3: a certificate-bound route, and the token's cnf["x5t#S256"] is not the
     #: SHA-256 thumbprint of this connection's client certificate (or there is none).
     CERTIFICATE_MISMATCH = 20
+    #: RFC 9449 §4.3: the DPoP proof is missing, malformed, badly signed, for another request
+    #: (htm/htu/ath) or outside its iat window.
+    DPOP_PROOF_INVALID = 21
+    #: RFC 9449 §11.1: the proof's jti was already seen within the proof window.
+    DPOP_PROOF_REPLAYED = 22
+    #: RFC 9449 §6.1/§7.2: the token's cnf.jkt is not the proof key's thumbprint, or a
+    #: DPoP-bound token was presented without a proof (as Bearer).
+    DPOP_BINDING_MISMATCH = 23
+    #: RFC 9449 §8: the route wants a server nonce and the proof has none or a stale one.
+    DPOP_NONCE_REQUIRED = 24
+    #: RFC 7523 §3 item 7: a one-time token's jti was already used within its lifetime.
+    TOKEN_REPLAYED = 25
+    #: The shared replay store could not answer and the route fails closed.
+    REPLAY_STORE_UNAVAILABLE = 26
 
     @property
     def label(self) -> str:
@@ -56,14 +70,24 @@ class Reason(IntEnum):
         ``bad_gateway``)."""
         return _ERROR[self]
 
-    def www_authenticate(self, scope: str | None = None) -> str | None:
-        """The ``WWW-Authenticate`` value of SPEC §4 (None for OK and jwks_unavailable).
+    def www_authenticate(self, scope: str | None = None,
+                         dpop_algs: str | None = None) -> str | None:
+        """The ``WWW-Authenticate`` value of SPEC §4 (None for OK, jwks_unavailable and
+        replay_store_unavailable).
 
         ``scope`` is the space-separated list of required scopes, used only by
-        insufficient_scope (RFC 6750 §3: the ``scope`` attribute).
+        insufficient_scope (RFC 6750 §3: the ``scope`` attribute). ``dpop_algs`` is the
+        route's space-separated DPoP algorithm list (RFC 9449 §7.1: the ``algs`` attribute).
         """
-        if self is Reason.OK or self is Reason.JWKS_UNAVAILABLE:
+        if self is Reason.OK or self is Reason.JWKS_UNAVAILABLE or \
+                self is Reason.REPLAY_STORE_UNAVAILABLE:
             return None
+        if self in _DPOP_CHALLENGE:
+            # RFC 9449 §7.1: the DPoP scheme's challenge, with the algorithms we accept.
+            value = f'DPoP realm="fastgate", error="{_DPOP_CHALLENGE[self]}"'
+            if dpop_algs:
+                value += f', algs="{dpop_algs}"'
+            return value
         if self is Reason.TOKEN_MISSING:
             # RFC 6750 §3.1: a request with no credentials gets no error code.
             return 'Bearer realm="fastgate"'
@@ -91,6 +115,7 @@ _STATUS.update(
         Reason.CLAIM_MISMATCH: 403,
         Reason.API_KEY_MISMATCH: 403,
         Reason.JWKS_UNAVAILABLE: 503,
+        Reason.REPLAY_STORE_UNAVAILABLE: 503,
     }
 )
 
@@ -105,7 +130,21 @@ _ERROR.update(
         Reason.API_KEY_MISSING: "invalid_request",
         Reason.API_KEY_INVALID: "invalid_request",
         Reason.JWKS_UNAVAILABLE: "service_unavailable",
+        Reason.REPLAY_STORE_UNAVAILABLE: "service_unavailable",
+        # RFC 9449 §7.1 / §8: DPoP's own error codes, in the DPoP challenge and the body.
+        Reason.DPOP_PROOF_INVALID: "invalid_dpop_proof",
+        Reason.DPOP_PROOF_REPLAYED: "invalid_dpop_proof",
+        Reason.DPOP_BINDING_MISMATCH: "invalid_dpop_proof",
+        Reason.DPOP_NONCE_REQUIRED: "use_dpop_nonce",
     }
 )
+
+# The reasons answered with the DPoP scheme's challenge (RFC 9449 §7.1), and its error code.
+_DPOP_CHALLENGE: dict[Reason, str] = {
+    Reason.DPOP_PROOF_INVALID: "invalid_dpop_proof",
+    Reason.DPOP_PROOF_REPLAYED: "invalid_dpop_proof",
+    Reason.DPOP_BINDING_MISMATCH: "invalid_dpop_proof",
+    Reason.DPOP_NONCE_REQUIRED: "use_dpop_nonce",
+}
 
 REJECT_REASONS: tuple[Reason, ...] = tuple(r for r in Reason if r is not Reason.OK)

@@ -83,25 +83,34 @@ def reject_body(reason: Reason, *, hide_reasons: bool = False) -> bytes:
     return _body(body)
 
 
+#: Not the client's fault (the gateway cannot check right now): never re-statused by
+#: ``failure_status``, and answered with Retry-After.
+_UNAVAILABLE = frozenset({Reason.JWKS_UNAVAILABLE, Reason.REPLAY_STORE_UNAVAILABLE})
+
+
 def build_reject(
     reason: Reason,
     *,
     failure_status: int | None = None,
     hide_reasons: bool = False,
     scope: str | None = None,
+    dpop_algs: str | None = None,
+    extra_headers: Iterable[tuple[str, str]] = (),
 ) -> Canned:
     """The prepared reject for one reason on one route."""
     status = reason.status
-    if failure_status is not None and reason is not Reason.JWKS_UNAVAILABLE:
+    if failure_status is not None and reason not in _UNAVAILABLE:
         status = failure_status
     headers: list[tuple[str, str]] = []
-    www = reason.www_authenticate(scope if reason is Reason.INSUFFICIENT_SCOPE else None)
+    www = reason.www_authenticate(scope if reason is Reason.INSUFFICIENT_SCOPE else None,
+                                  dpop_algs)
     if www is not None:
         # RFC 6750 §3: the challenge accompanies 401 and 403 (and the 400 of invalid_request).
         headers.append(("WWW-Authenticate", www))
-    if reason is Reason.JWKS_UNAVAILABLE:
-        # RFC 9110 §10.2.3: tell the client when the keys are likely to be there.
+    if reason in _UNAVAILABLE:
+        # RFC 9110 §10.2.3: tell the client when to try again.
         headers.append(("Retry-After", str(RETRY_AFTER_SECONDS)))
+    headers.extend(extra_headers)
     return Canned(status, reject_body(reason, hide_reasons=hide_reasons), headers, reason.label)
 
 
@@ -110,6 +119,7 @@ def build_rejects(
     failure_status: int | None = None,
     hide_reasons: bool = False,
     scope: str | None = None,
+    dpop_algs: str | None = None,
 ) -> tuple[Canned, ...]:
     """Every reject of one route, indexed by ``Reason`` value (index 0, OK, is a placeholder
     that is never sent)."""
@@ -120,9 +130,23 @@ def build_rejects(
             continue
         table.append(
             build_reject(reason, failure_status=failure_status, hide_reasons=hide_reasons,
-                         scope=scope)
+                         scope=scope, dpop_algs=dpop_algs)
         )
     return tuple(table)
+
+
+def build_bearer_binding_reject(*, failure_status: int | None = None,
+                                hide_reasons: bool = False) -> Canned:
+    """dpop_binding_mismatch for a DPoP-bound token presented as Bearer (RFC 9449 §7.2): the
+    client used the Bearer scheme, so the challenge is Bearer's ``invalid_token``."""
+    reason = Reason.DPOP_BINDING_MISMATCH
+    body: dict[str, str] = {"error": "invalid_token"}
+    if not hide_reasons:
+        body["reason"] = reason.label
+    www = (f'Bearer realm="fastgate", error="invalid_token", '
+           f'error_description="{reason.label}"')
+    return Canned(failure_status or reason.status, _body(body), (("WWW-Authenticate", www),),
+                  reason.label)
 
 
 DEFAULT_REJECTS: tuple[Canned, ...] = build_rejects()

@@ -261,7 +261,46 @@ def _auth() -> J:
                                    "certificate (RFC 8705 §3).", d.certificate_bound),
         "cors_preflight": {"enum": ["bypass"], "default": d.cors_preflight,
                            "description": "bypass: a CORS preflight skips auth."},
+        "dpop": _dpop(),
+        "one_time": _bool("A token's jti is accepted once within its lifetime (RFC 7523 §3); "
+                          "needs the providers' max_lifetime.", d.one_time),
     }, ("providers",))
+
+
+def _dpop() -> J:
+    d = c.DpopConfig()
+    return _obj("DPoP proof of possession on the route (RFC 9449).", {
+        "mode": {"enum": ["allowed", "required"], "default": d.mode,
+                 "description": "allowed: DPoP or Bearer; required: DPoP only."},
+        "algorithms": _names("Proof algorithms accepted (asymmetric only).",
+                             enum=list(c.DPOP_DEFAULT_ALGORITHMS)),
+        "max_age": _duration("How old a proof's iat may be.", d.max_age),
+        "clock_skew": _duration("How far in the future a proof's iat may be.", d.clock_skew),
+        "nonce": _bool("Proofs must carry a nonce the gateway issued (RFC 9449 §8).", d.nonce),
+        "external_url": _s("scheme://host[:port] clients send requests to (the proof's htu); "
+                           "default: the Host header and the listener's TLS state."),
+    })
+
+
+def _replay_store() -> J:
+    d = c.ReplayStoreConfig()
+    r = c.RedisStoreConfig("")
+    return {**_obj("Where DPoP proof jtis, one-time token jtis and DPoP nonces are "
+                   "remembered: in-process (one worker) or Redis (shared).", {
+        "memory": _obj("In-process store (per worker).", {
+            "max_entries": _int("Entries kept; when full, checks fail closed.",
+                                d.max_entries, 1)}),
+        "redis": _obj("Shared store on Redis (SET NX PX, one round trip per check).", {
+            "url": _s("redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or "
+                      "unix:///path."),
+            "key_prefix": {**_s("Prefix of every key."), "default": r.key_prefix},
+            "timeout": _duration("One round trip; beyond it the store counts as down.",
+                                 r.timeout),
+            "on_error": {"enum": ["fail_closed", "fail_open"], "default": r.on_error,
+                         "description": "Redis down: reject with 503 "
+                                        "replay_store_unavailable, or admit."},
+        }, ("url",)),
+    }), "maxProperties": 1}
 
 
 def _route() -> J:
@@ -353,6 +392,7 @@ def schema() -> J:
         "log_format": {"enum": ["text", "json"], "default": d.log_format,
                        "description": "Operational logs: plain text or one JSON object per "
                                       "line (time, level, logger, message, worker)."},
+        "replay_store": _replay_store(),
     }, ("upstreams", "routes"))
     return {
         "$schema": DIALECT,

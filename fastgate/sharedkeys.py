@@ -44,10 +44,10 @@ from fastgate.config import ProviderConfig
 from fastgate.jwks import (
     KID_REFRESH_WAIT,
     MAX_KID_LENGTH,
+    FetchError,
     JwksMetrics,
+    KeySourceBase,
     RemoteKeySource,
-    _Base,
-    _FetchError,
     discovery_url,
 )
 
@@ -85,9 +85,9 @@ class _HubSource(RemoteKeySource):
 
     def _keys_changed(self) -> None:
         super()._keys_changed()
-        keys = self._applied_keys
+        keys = self.applied_keys
         if self.on_change is not None:
-            self.on_change({"keys": keys} if keys is not None else None)
+            self.on_change({"keys": list(keys)} if keys is not None else None)
 
 
 class KeyHub:
@@ -214,7 +214,7 @@ class KeyClient:
             self._answers.pop(request_id, None)
 
 
-class SharedKeySource(_Base):
+class SharedKeySource(KeySourceBase):
     """A worker's remote provider: keys come from the master (see the module doc)."""
 
     def __init__(self, provider: ProviderConfig, verifier: Verifier, client: KeyClient, *,
@@ -253,8 +253,8 @@ class SharedKeySource(_Base):
             self._drop_keys("the master dropped the key set")
             return
         try:
-            self._apply(doc, "master")
-        except _FetchError as exc:  # pragma: no cover - the master applied the same document
+            self.apply(doc, "master")
+        except FetchError as exc:  # pragma: no cover - the master applied the same document
             log.error("jwks provider=%s: key set from the master refused: %s", self.name, exc)
             return
         self._last_success_mono = self._clock()

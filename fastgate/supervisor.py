@@ -77,7 +77,13 @@ from typing import Any, Final
 from fastgate.accesslog import AccessLog
 from fastgate.admin import AdminServer
 from fastgate.app import Gateway, compile_tables
-from fastgate.config import Address, GatewayConfig, load_config
+from fastgate.config import (
+    SHARED_STORE_NEEDED,
+    Address,
+    GatewayConfig,
+    load_config,
+    uses_replay_store,
+)
 from fastgate.errors import ConfigError
 from fastgate.logformat import LOG_FORMATS, formatter
 from fastgate.metrics import (
@@ -162,6 +168,9 @@ def run(config: GatewayConfig, *, workers: int | None = None,
         return 2
     if n == 0:
         n = os.cpu_count() or 1
+    if n > 1 and config.replay_store.redis is None and uses_replay_store(config.routes):
+        log.error("replay_store: %s", SHARED_STORE_NEEDED)  # --workers overrode the config
+        return 2
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

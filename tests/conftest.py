@@ -9,6 +9,8 @@ import pytest
 
 from tests.factory import NOW, SigningKey, generate
 
+pytest_plugins = ["tests.redis_fixtures"]  # redis_server / redis: a real redis-server
+
 ASYMMETRIC_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                    "ES256", "ES384", "ES512", "EdDSA")
 HMAC_ALGS = ("HS256", "HS384", "HS512")

@@ -145,3 +145,46 @@ def make_token(key: SigningKey, claims: dict[str, Any] | None = None, *,
 def jwks_of(*keys: SigningKey, with_alg: bool = False) -> dict[str, Any]:
     return {"keys": [public_jwk(k.private, k.kid, k.alg if with_alg else None)
                      for k in keys if not isinstance(k.private, bytes)]}
+
+
+# ---------------------------------------------------------------------------------------------
+# DPoP (RFC 9449): client keys, thumbprints and proofs, minted with `cryptography` only.
+
+
+def thumbprint(jwk: dict[str, Any]) -> str:
+    """RFC 7638 §3: SHA-256 over the required members, sorted, no whitespace."""
+    members = {"EC": ("crv", "kty", "x", "y"), "RSA": ("e", "kty", "n"),
+               "OKP": ("crv", "kty", "x")}[jwk["kty"]]
+    text = json.dumps({m: jwk[m] for m in members}, separators=(",", ":"), sort_keys=True)
+    return b64u(hashlib.sha256(text.encode()).digest())
+
+
+def ath(token: str) -> str:
+    """RFC 9449 §4.2: base64url(SHA-256(access token))."""
+    return b64u(hashlib.sha256(token.encode("ascii")).digest())
+
+
+def make_proof(key: SigningKey, *, htm: str, htu: str, token: str | None, iat: float,
+               jti: str | None = None, nonce: str | None = None,
+               header: dict[str, Any] | None = None, drop: tuple[str, ...] = (),
+               claims: dict[str, Any] | None = None, alg: str | None = None) -> str:
+    """A DPoP proof (RFC 9449 §4.2) signed by ``key``; ``header``/``claims`` override members,
+    ``drop`` removes claims (to make each §4.3 check fail alone)."""
+    import os
+
+    hdr: dict[str, Any] = {"typ": "dpop+jwt", "alg": alg or key.alg,
+                           "jwk": public_jwk(key.private)}
+    if header:
+        hdr.update(header)
+    body: dict[str, Any] = {"jti": jti or b64u(os.urandom(16)), "htm": htm, "htu": htu,
+                            "iat": int(iat)}
+    if token is not None:
+        body["ath"] = ath(token)
+    if nonce is not None:
+        body["nonce"] = nonce
+    if claims:
+        body.update(claims)
+    for name in drop:
+        body.pop(name, None)
+    signing_input = f"{b64u_json(hdr)}.{b64u_json(body)}".encode("ascii")
+    return f"{signing_input.decode()}.{b64u(sign(alg or key.alg, key.private, signing_input))}"

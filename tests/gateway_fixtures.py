@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import orjson
 import uvloop
@@ -62,6 +63,21 @@ class Loop:
         loop.close()
 
 
+def uv(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
+    """An async test run on a fresh uvloop loop (the data plane's loop), bounded to 30 s::
+
+        @uv
+        async def test_x() -> None: ...
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(asyncio.wait_for(fn(*args, **kwargs), 30))
+
+    return wrapper
+
+
 @dataclass
 class Recorded:
     method: str
@@ -79,39 +95,50 @@ class Recorded:
         return [n.lower() for n, _ in self.headers]
 
 
-@dataclass
-class EchoUpstream:
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` served on 127.0.0.1 at an ephemeral port: (runner, port); stop it with
+    ``runner.cleanup()``."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, int(runner.addresses[0][1])
+
+
+class AppServer:
+    """A test server: the subclass's handlers (:meth:`routes`) in an aiohttp application on
+    127.0.0.1 at an ephemeral port (:func:`serve_app`). ``server = await Sub.start()`` ...
+    ``await server.stop()``; every field of a subclass needs a default."""
+
+    client_max_size = 1024**2  # aiohttp's default
     runner: web.AppRunner
     port: int
-    records: list[Recorded] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def routes(self, app: web.Application) -> None:
+        raise NotImplementedError
+
     @classmethod
-    async def start(cls) -> EchoUpstream:
-        holder: dict[str, EchoUpstream] = {}
-
-        async def handler(request: web.Request) -> web.StreamResponse:
-            return await holder["self"]._handle(request)
-
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert server is not None
-        port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self = cls(runner=runner, port=port)
-        holder["self"] = self
+    async def start(cls) -> Self:
+        self = cls()
+        app = web.Application(client_max_size=cls.client_max_size)
+        self.routes(app)
+        self.runner, self.port = await serve_app(app)
         return self
 
     async def stop(self) -> None:
         await self.runner.cleanup()
+
+
+@dataclass
+class EchoUpstream(AppServer):
+    records: list[Recorded] = field(default_factory=list)
+    client_max_size = 64 * 1024 * 1024
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/{tail:.*}", self._handle)
 
     def clear(self) -> None:
         self.records.clear()

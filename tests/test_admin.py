@@ -70,35 +70,39 @@ def test_metrics_endpoint_serves_the_exposition() -> None:
     run(test, metrics_body=m.render)
 
 
-def test_metrics_off_is_404() -> None:
+_NOT_FOUND = b'{"error":"not_found"}'
+
+
+def _broken_metrics() -> bytes:
+    raise OSError("/secret/path/multiproc: disk on fire")
+
+
+def _broken_ready() -> Mapping[str, bool]:
+    raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(("path", "metrics_body", "ready", "status", "body"), [
+    pytest.param("/metrics", None, dict, 404, _NOT_FOUND, id="metrics-off-is-404"),
+    pytest.param("/metrics", _broken_metrics, dict, 500, b'{"error":"internal_error"}',
+                 id="metrics-failure-is-500-without-details"),
+    pytest.param("/healthz", None, dict, 200, b'{"status":"ok"}', id="healthz"),
+    pytest.param("/readyz", None, dict, 200, b'{"status":"ready","providers":{}}',
+                 id="readyz-without-providers-is-ready"),
+    pytest.param("/readyz", None, _broken_ready, 503, b'{"status":"not_ready","providers":{}}',
+                 id="readyz-when-the-callable-fails-is-503"),
+    *(pytest.param(path, lambda: b"", dict, 404, _NOT_FOUND, id=f"other-path-is-404:{path}")
+      for path in ["/", "/metricsx", "/metrics/", "/admin", "/readyz/../x"]),
+])
+def test_one_get_answers(path: str, metrics_body: Body, ready: Ready, status: int,
+                         body: bytes) -> None:
+    """One GET, one JSON answer: its status and its exact body."""
+
     async def test(session: aiohttp.ClientSession, base: str) -> None:
-        status, _, body = await get(session, base + "/metrics")
-        assert status == 404
-        assert body == b'{"error":"not_found"}'
-
-    run(test, metrics_body=None)
-
-
-def test_metrics_failure_is_500_without_details() -> None:
-    def broken() -> bytes:
-        raise OSError("/secret/path/multiproc: disk on fire")
-
-    async def test(session: aiohttp.ClientSession, base: str) -> None:
-        status, _, body = await get(session, base + "/metrics")
-        assert status == 500
-        assert body == b'{"error":"internal_error"}'
-
-    run(test, metrics_body=broken)
-
-
-def test_healthz() -> None:
-    async def test(session: aiohttp.ClientSession, base: str) -> None:
-        status, headers, body = await get(session, base + "/healthz")
-        assert status == 200
+        got_status, headers, got_body = await get(session, base + path)
+        assert (got_status, got_body) == (status, body)
         assert headers["Content-Type"].startswith("application/json")
-        assert body == b'{"status":"ok"}'
 
-    run(test)
+    run(test, metrics_body=metrics_body, ready=ready)
 
 
 def test_readyz_flips_from_503_to_200() -> None:
@@ -125,36 +129,6 @@ def test_readyz_flips_from_503_to_200() -> None:
         assert status == 503
 
     run(test, ready=lambda: state)
-
-
-def test_readyz_without_providers_is_ready() -> None:
-    async def test(session: aiohttp.ClientSession, base: str) -> None:
-        status, _, body = await get(session, base + "/readyz")
-        assert (status, body) == (200, b'{"status":"ready","providers":{}}')
-
-    run(test, ready=dict)
-
-
-def test_readyz_when_the_callable_fails_is_503() -> None:
-    def broken() -> Mapping[str, bool]:
-        raise RuntimeError("boom")
-
-    async def test(session: aiohttp.ClientSession, base: str) -> None:
-        status, _, body = await get(session, base + "/readyz")
-        assert (status, body) == (503, b'{"status":"not_ready","providers":{}}')
-
-    run(test, ready=broken)
-
-
-@pytest.mark.parametrize("path", ["/", "/metricsx", "/metrics/", "/admin", "/readyz/../x"])
-def test_other_paths_are_404(path: str) -> None:
-    async def test(session: aiohttp.ClientSession, base: str) -> None:
-        status, headers, body = await get(session, base + path)
-        assert status == 404
-        assert body == b'{"error":"not_found"}'
-        assert headers["Content-Type"].startswith("application/json")
-
-    run(test, metrics_body=lambda: b"")
 
 
 def test_post_is_not_allowed() -> None:

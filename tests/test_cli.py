@@ -429,3 +429,259 @@ def test_token_checks_every_argument_before_printing_anything(tmp_path: Path) ->
 def test_run_log_format_is_checked() -> None:
     p = fastgate("run", "-c", str(CONFIGS / "minimal.yaml"), "--log-format", "xml")
     assert p.returncode == 2 and "--log-format" in p.stderr and "Traceback" not in p.stderr
+
+
+# -- token --dpop: RFC 7638 thumbprints, RFC 9449 proofs ----------------------------------------
+
+# RFC 7638 §3.1: the example RSA key and its SHA-256 thumbprint.
+RFC7638_JWK = {
+    "kty": "RSA",
+    "n": "0vx7agoebGcQSuuPiLJXZptN9nndrQmbXEps2aiAFbWhM78LhWx4cbbfAAtVT86zwu1RK7aPFFxuhDR1L6tSo"
+         "c_BJECPebWKRXjBZCiFV4n3oknjhMstn64tZ_2W-5JsGY4Hc5n9yBXArwl93lqt7_RN5w6Cf0h4QyQ5v-65YGjQ"
+         "R0_FDW2QvzqY368QQMicAtaSqzs8KJZgnYb9c7d0zgdAZHzu6qMQvRL5hajrn1n91CbOpbISD08qNLyrdkt-bFT"
+         "WhAI4vMQFh6WeZu0fM4lFd2NcRwr3XPksINHaQ-G_xBniIqbw0Ls1jF44-csFCur-kEgU8awapJzKnqDKgw",
+    "e": "AQAB",
+    "alg": "RS256",
+    "kid": "2011-04-29",
+}
+RFC7638_THUMBPRINT = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
+
+
+def test_jwk_thumbprint_rfc7638_example_and_members() -> None:
+    import hashlib
+
+    from fastgate.devtoken import b64url, jwk_thumbprint
+
+    assert jwk_thumbprint(RFC7638_JWK) == RFC7638_THUMBPRINT
+    # Only the required members count: kid/alg/use and private members change nothing, nor
+    # does the order the members come in.
+    bare = {k: RFC7638_JWK[k] for k in ("n", "kty", "e")}
+    assert jwk_thumbprint(bare) == RFC7638_THUMBPRINT
+    assert jwk_thumbprint({**bare, "use": "sig", "d": "AAAA"}) == RFC7638_THUMBPRINT
+    # EC and OKP: crv,kty,x,y and crv,kty,x, lexicographic, no whitespace (§3.2, RFC 8037 §2).
+    ec_jwk = {"y": "Y-val", "x": "X-val", "kty": "EC", "crv": "P-256", "kid": "k"}
+    expected = b'{"crv":"P-256","kty":"EC","x":"X-val","y":"Y-val"}'
+    assert jwk_thumbprint(ec_jwk) == b64url(hashlib.sha256(expected).digest())
+    okp = {"x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kty": "OKP", "crv": "Ed25519"}
+    expected = (b'{"crv":"Ed25519","kty":"OKP","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}')
+    assert jwk_thumbprint(okp) == b64url(hashlib.sha256(expected).digest())
+    # RFC 8037 Appendix A.3: that key's thumbprint.
+    assert jwk_thumbprint(okp) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+    for bad in ({"kty": "EC", "crv": "P-256", "x": "a"}, {"kty": "XYZ"}, {},
+                {"kty": "RSA", "n": "a", "e": 3}):
+        with pytest.raises(ValueError):
+            jwk_thumbprint(bad)  # type: ignore[arg-type]
+
+
+def _jwk_public_key(jwk: dict[str, Any]) -> Any:
+    """The public key a proof's ``jwk`` header names, built from the JWK alone."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    def num(name: str) -> int:
+        return int.from_bytes(_b64decode(jwk[name]), "big")
+
+    if jwk["kty"] == "EC":
+        curve = {"P-256": ec.SECP256R1(), "P-384": ec.SECP384R1(),
+                 "P-521": ec.SECP521R1()}[jwk["crv"]]
+        return ec.EllipticCurvePublicNumbers(num("x"), num("y"), curve).public_key()
+    if jwk["kty"] == "RSA":
+        return rsa.RSAPublicNumbers(num("e"), num("n")).public_key()
+    assert jwk["kty"] == "OKP" and jwk["crv"] == "Ed25519"
+    return ed25519.Ed25519PublicKey.from_public_bytes(_b64decode(jwk["x"]))
+
+
+def verify_proof(proof: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(header, claims) of a DPoP proof whose signature verifies with its own ``jwk``
+    header (RFC 9449 §4.3 items 5-6); raises InvalidSignature otherwise."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+    head_b64, claims_b64, sig_b64 = proof.split(".")
+    header = json.loads(_b64decode(head_b64))
+    claims = json.loads(_b64decode(claims_b64))
+    signing_input = f"{head_b64}.{claims_b64}".encode()
+    sig = _b64decode(sig_b64)
+    alg = header["alg"]
+    key = _jwk_public_key(header["jwk"])
+    digest = {"256": hashes.SHA256(), "384": hashes.SHA384(), "512": hashes.SHA512()}
+    if alg.startswith("ES"):
+        size = {"ES256": 32, "ES384": 48, "ES512": 66}[alg]
+        assert len(sig) == 2 * size  # raw R||S (RFC 7518 §3.4), not DER
+        der = encode_dss_signature(int.from_bytes(sig[:size], "big"),
+                                   int.from_bytes(sig[size:], "big"))
+        key.verify(der, signing_input, ec.ECDSA(digest[alg[2:]]))
+    elif alg.startswith("RS"):
+        key.verify(sig, signing_input, padding.PKCS1v15(), digest[alg[2:]])
+    elif alg.startswith("PS"):
+        h = digest[alg[2:]]
+        key.verify(sig, signing_input, padding.PSS(padding.MGF1(h), h.digest_size), h)
+    else:
+        assert alg == "EdDSA"
+        key.verify(sig, signing_input)
+    return header, claims
+
+
+PRIVATE_MEMBERS = {"d", "p", "q", "dp", "dq", "qi", "oth", "k"}
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES384", "ES512", "EdDSA", "RS256", "PS256"])
+def test_make_dpop_proof_every_key_type(alg: str, rsa_key: rsa.RSAPrivateKey) -> None:
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from fastgate.devtoken import b64url, jwk_thumbprint, make_dpop_proof
+
+    private: Any = {
+        "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
+        "ES384": lambda: ec.generate_private_key(ec.SECP384R1()),
+        "ES512": lambda: ec.generate_private_key(ec.SECP521R1()),
+        "EdDSA": ed25519.Ed25519PrivateKey.generate,
+        "RS256": lambda: rsa_key,
+        "PS256": lambda: rsa_key,
+    }[alg]()
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2ln"
+    before = int(time.time())
+    proof = make_dpop_proof(private, htm="POST", htu="https://api.example.com/orders",
+                            access_token=token, nonce="n-1",
+                            alg="PS256" if alg == "PS256" else None)
+    header, claims = verify_proof(proof)
+    assert set(header) == {"typ", "alg", "jwk"}
+    assert header["typ"] == "dpop+jwt" and header["alg"] == alg
+    assert not PRIVATE_MEMBERS & set(header["jwk"])  # the PUBLIC key only
+    assert set(claims) == {"jti", "htm", "htu", "iat", "ath", "nonce"}
+    assert claims["htm"] == "POST" and claims["htu"] == "https://api.example.com/orders"
+    assert isinstance(claims["iat"], int) and before <= claims["iat"] <= time.time() + 1
+    assert claims["ath"] == b64url(hashlib.sha256(token.encode("ascii")).digest())
+    assert claims["nonce"] == "n-1"
+    assert len(_b64decode(claims["jti"])) >= 16
+    jwk_thumbprint(header["jwk"])  # a complete public JWK
+    # A fresh jti per proof; no ath/nonce unless asked; iat and jti as given.
+    other = make_dpop_proof(private, htm="GET", htu="https://a/", iat=1000.7, jti="j1")
+    _, claims2 = verify_proof(other)
+    assert claims2 == {"jti": "j1", "htm": "GET", "htu": "https://a/", "iat": 1000}
+    assert verify_proof(make_dpop_proof(private, htm="GET", htu="https://a/"))[1]["jti"] != \
+        claims["jti"]
+
+
+def test_make_dpop_proof_refuses_what_cannot_be_a_proof(ec_key: ec.EllipticCurvePrivateKey,
+                                                        ) -> None:
+    from fastgate.devtoken import make_dpop_proof
+
+    with pytest.raises(ValueError, match="asymmetric"):
+        make_dpop_proof(b"secret" * 8, htm="GET", htu="https://a/")
+    with pytest.raises(ValueError, match="use ES256"):
+        make_dpop_proof(ec_key, htm="GET", htu="https://a/", alg="ES384")
+    # Tests can break one rule on purpose.
+    proof = make_dpop_proof(ec_key, htm="GET", htu="https://a/", extra_header={"typ": "JWT"},
+                            extra_claims={"htm": "PUT"})
+    header, claims = verify_proof(proof)
+    assert header["typ"] == "JWT" and claims["htm"] == "PUT"
+
+
+def _dpop_cli_output(p: subprocess.CompletedProcess[str]) -> tuple[str, str, list[str]]:
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 3, p.stdout
+    import shlex
+
+    return lines[0], lines[1], shlex.split(lines[2])
+
+
+def test_token_dpop_mints_a_bound_token_a_proof_and_a_curl_line() -> None:
+    import hashlib
+
+    from fastgate.devtoken import b64url, jwk_thumbprint, load_key, make_dpop_proof
+
+    url = "https://api.example.test:8443/orders/7?expand=1#top"
+    p = fastgate("token", "--dpop", "--htm", "PATCH", "--htu", url, "--iss", ISS, "sub=alice")
+    token, proof, curl = _dpop_cli_output(p)
+    err = [line for line in p.stderr.splitlines() if not line.startswith("#")]
+    issuer_jwk, client_jwk = json.loads(err[0]), json.loads(err[1])
+    claims = verify(token, issuer_jwk)
+    assert claims["sub"] == "alice"
+    header, proof_claims = verify_proof(proof)
+    assert header["alg"] == "ES256" and header["jwk"]["crv"] == "P-256"  # the default key
+    # The binding: the token's cnf.jkt is the thumbprint of the proof's key (RFC 9449 §6.1).
+    assert claims["cnf"] == {"jkt": jwk_thumbprint(header["jwk"])}
+    assert proof_claims["htm"] == "PATCH"
+    assert proof_claims["htu"] == "https://api.example.test:8443/orders/7"  # no query/fragment
+    assert proof_claims["ath"] == b64url(hashlib.sha256(token.encode()).digest())
+    assert f"cnf.jkt {claims['cnf']['jkt']}" in p.stderr
+    assert curl == ["curl", "-X", "PATCH", "-H", f"Authorization: DPoP {token}",
+                    "-H", f"DPoP: {proof}", url]
+    # The printed client key is the private key of that jwk: it makes more proofs.
+    client = load_key(json.dumps(client_jwk).encode())
+    assert jwk_thumbprint(client.public_jwk()) == claims["cnf"]["jkt"]
+    more = make_dpop_proof(client, htm="GET", htu="https://a/", access_token=token)
+    assert verify_proof(more)[0]["jwk"] == header["jwk"]
+
+
+def test_token_dpop_with_a_client_key_file_and_more_proofs_for_one_token(
+        tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> None:
+    from fastgate.devtoken import jwk_thumbprint
+
+    issuer = str(pem_file(tmp_path, rsa_key))
+    client_path = tmp_path / "client.jwk"
+    client_path.write_text(json.dumps(ec_private_jwk(ec_key, "c1")))
+    url = "http://127.0.0.1:8080/api/x"
+    p = fastgate("token", "--key", issuer, "--kid", "k1", "--iss", ISS, "--dpop",
+                 "--dpop-key", str(client_path), "--htu", url)
+    token, proof, curl = _dpop_cli_output(p)
+    assert "PRIVATE" not in p.stderr and "JWK:" not in p.stderr  # no throw-away key to show
+    claims = verify(token, public_jwk(rsa_key, "k1"))
+    header, proof_claims = verify_proof(proof)
+    assert claims["cnf"]["jkt"] == jwk_thumbprint(header["jwk"]) == jwk_thumbprint(
+        public_jwk(ec_key))
+    assert proof_claims["htm"] == "GET" and proof_claims["htu"] == url
+    assert curl == ["curl", "-H", f"Authorization: DPoP {token}", "-H", f"DPoP: {proof}", url]
+    # --access-token: the same token, a new proof (a proof is good for one request).
+    p2 = fastgate("token", "--dpop", "--dpop-key", str(client_path), "--htu", url,
+                  "--access-token", token)
+    token2, proof2, _ = _dpop_cli_output(p2)
+    assert token2 == token and proof2 != proof
+    assert verify_proof(proof2)[1]["jti"] != proof_claims["jti"]
+    # ... but not for a token bound to another key.
+    other = tmp_path / "other.pem"
+    other.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    p3 = fastgate("token", "--dpop", "--dpop-key", str(other), "--htu", url,
+                  "--access-token", token)
+    assert p3.returncode == 1 and p3.stdout == "" and "not bound to --dpop-key" in p3.stderr
+    # An RSA client key signs RS256 proofs, PS256 on request.
+    rsa_client = tmp_path / "client-rsa.pem"
+    rsa_client.write_bytes(rsa_key.private_bytes(serialization.Encoding.PEM,
+                                                 serialization.PrivateFormat.PKCS8,
+                                                 serialization.NoEncryption()))
+    for alg_args, alg in (([], "RS256"), (["--dpop-alg", "PS256"], "PS256")):
+        p4 = fastgate("token", "--key", issuer, "--iss", ISS, "--dpop", "--dpop-key",
+                      str(rsa_client), *alg_args, "--htu", url)
+        token4, proof4, _ = _dpop_cli_output(p4)
+        header4, _ = verify_proof(proof4)
+        assert header4["alg"] == alg
+        assert verify(token4, public_jwk(rsa_key))["cnf"]["jkt"] == jwk_thumbprint(
+            header4["jwk"])
+
+
+def test_token_dpop_usage_errors_print_nothing_else(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.jwk"
+    secret.write_text(json.dumps({"kty": "oct", "k": b64u(b"s" * 32)}))
+    for args, needle, code in [
+        (["--htu", "https://a/"], "--htu needs --dpop", 2),
+        (["--dpop-key", "x.pem"], "--dpop-key needs --dpop", 2),
+        (["--dpop"], "--dpop needs --htu", 2),
+        (["--dpop", "--htu", "ftp://a/"], "absolute http(s) URL", 2),
+        (["--dpop", "--htu", "/relative"], "absolute http(s) URL", 2),
+        (["--dpop", "--htu", "https://a/", "--htm", "GE T"], "--htm", 2),
+        (["--dpop", "--htu", "https://a/", "--access-token", "a.b.c"], "needs --dpop-key", 2),
+        (["--dpop", "--htu", "https://a/", "--dpop-key", str(secret)], "HMAC", 1),
+        (["--dpop", "--htu", "https://a/", "--dpop-alg", "HS256"], "cannot generate", 1),
+        (["--dpop", "--htu", "https://a/", "--exp", "soon"], "--exp", 2),
+    ]:
+        p = fastgate("token", "--iss", ISS, *args)
+        assert p.returncode == code, (args, p.returncode, p.stderr)
+        assert p.stdout == "", args
+        assert needle in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, args

@@ -28,11 +28,14 @@ from fastgate.config import (
     ApiKeysConfig,
     AuthConfig,
     CacheConfig,
+    DpopConfig,
     GatewayConfig,
     JwksCacheConfig,
     Limits,
     OtelConfig,
     ProviderConfig,
+    RedisStoreConfig,
+    ReplayStoreConfig,
     RouteConfig,
     RouteMatch,
     Timeouts,
@@ -213,10 +216,12 @@ def config_keys() -> set[str]:
     for cls in (GatewayConfig, Limits, CacheConfig, UpstreamConfig, JwksCacheConfig,
                 ProviderConfig, ApiKeysConfig, ApiKey, RouteConfig, RouteMatch, AuthConfig,
                 ApiKeyRule, AccessLogConfig, Timeouts, TlsConfig, TlsCertificate,
-                UpstreamTlsConfig, TracingConfig, OtelConfig):
+                UpstreamTlsConfig, TracingConfig, OtelConfig, DpopConfig, ReplayStoreConfig,
+                RedisStoreConfig):
         keys |= {f.name for f in fields(cls)}
     keys -= {"source", "name", "key_source"}  # not keys (the name is the mapping key)
     keys |= {"name"}  # routes[].name is a key
+    keys |= {"memory"}  # replay_store.memory: {max_entries} (ReplayStoreConfig.max_entries)
     keys |= {"discovery", "header", "query", "cookie", "prefix",  # key source, token_from
              "all", "any", "equals", "one_of", "contains", "present"}  # scopes, claim rules
     return keys
@@ -694,7 +699,9 @@ def test_operations_doc_names_every_metric() -> None:
                  "fastgate_jwks_fetches_total", "fastgate_jwks_fetch_duration_seconds",
                  "fastgate_jwks_keys", "fastgate_jwks_age_seconds",
                  "fastgate_inflight_requests", "fastgate_build_info",
-                 "fastgate_config_reloads_total"):
+                 "fastgate_config_reloads_total", "fastgate_replay_store_checks_total",
+                 "fastgate_replay_store_errors_total",
+                 "fastgate_replay_store_duration_seconds"):
         assert f"`{name}`" in text, name
     for endpoint in ("/metrics", "/healthz", "/readyz"):
         assert f"`{endpoint}`" in text

@@ -220,6 +220,17 @@ def _edit(obj: dict[str, Any], name: str, value: Any) -> dict[str, Any]:
     return out
 
 
+def _with_segment(alg: str, token: str, header: dict[str, Any], claims: dict[str, Any],
+                  seg: int, new: dict[str, Any] | str, resign: bool) -> str:
+    """``token`` with its header (``seg`` 0) or payload (1) replaced by ``new`` (an object or
+    JSON text): re-signed by :func:`_resign`, or keeping the original signature."""
+    if resign:
+        return _resign(alg, new if seg == 0 else header, new if seg == 1 else claims)
+    parts = _segments(token)
+    parts[seg] = b64u(new.encode()) if isinstance(new, str) else _enc(new)
+    return ".".join(parts)
+
+
 def _dup_json(obj: dict[str, Any], name: str, value: Any, first: bool) -> str:
     """JSON text with ``name`` twice: the edited value first or last (catalog B14/E3)."""
     body = json.dumps(obj, separators=(",", ":"))
@@ -273,27 +284,12 @@ def mutants(draw: st.DrawFn) -> Mutant:
         return Mutant(alg, token[:pos] + ws + token[pos:], f"whitespace {ws!r} at {pos}")
 
     resign = draw(st.booleans())
-    if kind == "header":
-        name, value = draw(st.sampled_from(_HEADER_EDITS))
-        new_header = _edit(header, name, value)
-        if resign:
-            mutated = _resign(alg, new_header, claims)
-        else:
-            parts = _segments(token)
-            parts[0] = _enc(new_header)
-            mutated = ".".join(parts)
-        return Mutant(alg, mutated, f"header {name}={value!r} resign={resign}")
-
-    if kind == "payload":
-        name, value = draw(st.sampled_from(_payload_edits(now)))
-        new_claims = _edit(claims, name, value)
-        if resign:
-            mutated = _resign(alg, header, new_claims)
-        else:
-            parts = _segments(token)
-            parts[1] = _enc(new_claims)
-            mutated = ".".join(parts)
-        return Mutant(alg, mutated, f"payload {name}={value!r} resign={resign}")
+    if kind in ("header", "payload"):
+        seg = 0 if kind == "header" else 1
+        name, value = draw(st.sampled_from(_HEADER_EDITS if seg == 0 else _payload_edits(now)))
+        edited = _edit(header if seg == 0 else claims, name, value)
+        mutated = _with_segment(alg, token, header, claims, seg, edited, resign)
+        return Mutant(alg, mutated, f"{kind} {name}={value!r} resign={resign}")
 
     if kind == "dup":
         in_header = draw(st.booleans())
@@ -302,16 +298,13 @@ def mutants(draw: st.DrawFn) -> Mutant:
             name, value = draw(st.sampled_from([("alg", "none"), ("alg", "HS256"),
                                                 ("kid", "other"), ("alg", alg)]))
             text = _dup_json(header, name, value, first)
-            mutated = _resign(alg, text, claims) if resign else \
-                ".".join([b64u(text.encode()), *_segments(token)[1:]])
         else:
             name, value = draw(st.sampled_from([
                 ("exp", int(now) - LEEWAY - 120), ("exp", int(now) + 600),
                 ("iss", "https://evil.example/"), ("aud", "api://other"),
                 ("sub", "admin"), ("nbf", int(now) + LEEWAY + 3600)]))
             text = _dup_json(claims, name, value, first)
-            mutated = _resign(alg, header, text) if resign else \
-                ".".join([_segments(token)[0], b64u(text.encode()), _segments(token)[2]])
+        mutated = _with_segment(alg, token, header, claims, 0 if in_header else 1, text, resign)
         return Mutant(alg, mutated, f"duplicate {name}={value!r} first={first} "
                                     f"header={in_header} resign={resign}")
 

@@ -33,8 +33,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastgate.config import GatewayConfig, RouteConfig, TokenSource, load_config, parse_config
 from fastgate.metrics import metrics_for
-from tests.factory import SigningKey, generate, make_token
+from tests.factory import SigningKey, generate, make_proof, make_token, thumbprint
 from tests.gateway_fixtures import EchoUpstream, Loop, http_request, raw_request, start_gateway
+from tests.redis_fixtures import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "kubernetes"
@@ -88,7 +89,8 @@ class Example:
     api_keys: dict[str, str]  # API key id -> raw key
 
 
-def prepare(name: str, text: str, tmp: Path, upstream: EchoUpstream) -> Example:
+def prepare(name: str, text: str, tmp: Path, upstream: EchoUpstream,
+            redis_url: str | None = None) -> Example:
     path = tmp / "gateway.yaml"
     path.write_text(text, encoding="utf-8")
     (tmp / "jwks.json").write_text('{"keys": []}', encoding="utf-8")  # jwks_file providers
@@ -107,6 +109,10 @@ def prepare(name: str, text: str, tmp: Path, upstream: EchoUpstream) -> Example:
             provider.pop(source, None)
         keys[pname] = _key_for(provider.get("algorithms"), f"{pname}-test")
         provider["jwks"] = {"keys": [keys[pname].public_jwk]}
+    if (doc.get("replay_store") or {}).get("redis") is not None:
+        # The example's Redis is the test's real redis-server (tests/redis_fixtures.py).
+        assert redis_url is not None, "this example needs the redis fixture"
+        doc["replay_store"]["redis"]["url"] = redis_url
     api_keys: dict[str, str] = {}
     for entry in (doc.get("api_keys") or {}).get("keys", []):
         raw = f"raw-key-{entry['id']}"
@@ -176,6 +182,13 @@ def request_for(ex: Example, route: RouteConfig) -> bytes:
             else:
                 assert table.query is not None
                 query.append(f"{table.query}={quote(raw)}")
+        if auth.one_time:
+            claims["jti"] = f"once-{route.name}-{time.time_ns()}"  # RFC 7523 §3 item 7
+        client = None
+        if auth.dpop is not None:
+            # RFC 9449: the token bound to a client key (cnf.jkt), a proof per request.
+            client = generate("ES256", "client")
+            claims["cnf"] = {"jkt": thumbprint(client.public_jwk)}
         providers = auth.providers if auth.mode == "all" else auth.providers[:1]
         # mode: all - place the providers with the fewest token places first
         providers = tuple(sorted(providers, key=lambda p: len(ex.config.providers[p].token_from)))
@@ -191,7 +204,12 @@ def request_for(ex: Example, route: RouteConfig) -> bytes:
             place: TokenSource = next(s for s in provider.token_from
                                       if (s.place, s.name.lower()) not in used)
             used.add((place.place, place.name.lower()))
-            if place.place == "header":
+            if client is not None and auth.dpop is not None:
+                base = auth.dpop.external_url or f"http://{route.match.host or 'gw.test'}"
+                headers.append(("Authorization", f"DPoP {token}"))
+                headers.append(("DPoP", make_proof(client, htm=method, htu=base + target,
+                                                   token=token, iat=time.time())))
+            elif place.place == "header":
                 headers.append((place.name, place.prefix + token))
             elif place.place == "cookie":
                 headers.append(("Cookie", f"{place.name}={token}"))
@@ -227,10 +245,11 @@ def loop() -> Iterator[Loop]:
 
 
 @pytest.mark.parametrize("name", list(examples()))
-def test_every_route_of_the_example_is_reachable(name: str, loop: Loop, tmp_path: Path) -> None:
+def test_every_route_of_the_example_is_reachable(name: str, loop: Loop, tmp_path: Path,
+                                                redis: RedisServer) -> None:
     upstream = loop.run(EchoUpstream.start())
     try:
-        ex = prepare(name, examples()[name], tmp_path, upstream)
+        ex = prepare(name, examples()[name], tmp_path, upstream, redis.url)
         metrics = metrics_for(ex.config)
         gw = loop.run(start_gateway(ex.config, metrics=metrics))
         try:

@@ -150,30 +150,30 @@ class StreamUpstream:
         lower = head.lower()
         if b"transfer-encoding: chunked" in lower:
             while (n := int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)) > 0:
-                while n > 0:
-                    piece = await reader.read(min(n, 65536))
-                    if not piece:
-                        raise ConnectionError("short chunk")
-                    digest.update(piece)
-                    size += len(piece)
-                    self.received += len(piece)
-                    n -= len(piece)
+                size += await self._read_exactly(reader, n, digest, "short chunk")
                 await reader.readexactly(2)
             await reader.readuntil(b"\r\n")
         else:
             left = int(lower.split(b"content-length:")[1].split(b"\r\n")[0])
-            while left > 0:
-                piece = await reader.read(min(left, 65536))
-                if not piece:
-                    raise ConnectionError("short body")
-                digest.update(piece)
-                size += len(piece)
-                self.received += len(piece)
-                left -= len(piece)
+            size += await self._read_exactly(reader, left, digest, "short body")
         body = b'{"len":%d,"sha256":"%s"}' % (size, digest.hexdigest().encode())
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
+
+    async def _read_exactly(self, reader: asyncio.StreamReader, n: int, digest: Any,
+                            short: str) -> int:
+        """Read ``n`` body bytes, at most 64 KiB at a time, into ``digest`` and
+        :attr:`received`; ConnectionError(``short``) at an early EOF. Returns ``n``."""
+        left = n
+        while left > 0:
+            piece = await reader.read(min(left, 65536))
+            if not piece:
+                raise ConnectionError(short)
+            digest.update(piece)
+            self.received += len(piece)
+            left -= len(piece)
+        return n
 
 
 # ---------------------------------------------------------------------------------------------

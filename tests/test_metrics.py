@@ -18,10 +18,14 @@ from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.parser import text_string_to_metric_families
 
 import fastgate
+from fastgate import replay
 from fastgate.metrics import (
     CONTENT_TYPE,
     LATENCY_BUCKETS,
     NO_ROUTE,
+    REPLAY_ERROR_KINDS,
+    REPLAY_RESULTS,
+    REPLAY_STORES,
     STATUS_CLASSES,
     UPSTREAM_ERROR_KINDS,
     VERIFY_BUCKETS,
@@ -35,8 +39,9 @@ from fastgate.metrics import (
 )
 from fastgate.reasons import REJECT_REASONS, Reason
 
-# SPEC §7 (+ fastgate_config_reloads_total from the operations issue), written out here on
-# purpose: a rename in metrics.py must fail this test, not follow it.
+# SPEC §7 (+ fastgate_config_reloads_total from the operations issue and the replay store's
+# three from issue 11), written out here on purpose: a rename in metrics.py must fail this
+# test, not follow it.
 SPEC: dict[str, tuple[str, frozenset[str]]] = {
     "fastgate_requests_total": ("counter", frozenset({"route", "status_class"})),
     "fastgate_request_duration_seconds": ("histogram", frozenset({"route"})),
@@ -53,7 +58,12 @@ SPEC: dict[str, tuple[str, frozenset[str]]] = {
     "fastgate_inflight_requests": ("gauge", frozenset()),
     "fastgate_build_info": ("gauge", frozenset({"version", "extension"})),
     "fastgate_config_reloads_total": ("counter", frozenset({"result"})),
+    "fastgate_replay_store_checks_total": ("counter", frozenset({"store", "result"})),
+    "fastgate_replay_store_errors_total": ("counter", frozenset({"store", "kind"})),
+    "fastgate_replay_store_duration_seconds": ("histogram", frozenset({"store"})),
 }
+ADDITIONS = {"fastgate_config_reloads_total", "fastgate_replay_store_checks_total",
+             "fastgate_replay_store_errors_total", "fastgate_replay_store_duration_seconds"}
 
 ROUTES = ("orders", "public")
 PROVIDERS = ("okta", "cognito")
@@ -129,6 +139,30 @@ def test_every_child_is_pre_bound_at_start() -> None:
         for result in ("success", "failure"):
             assert value(s, "fastgate_jwks_fetches_total", provider=provider, result=result) == 0
     assert ("fastgate_rejects_total", frozenset({("route", "orders"), ("reason", "ok")})) not in s
+    for store in REPLAY_STORES:
+        for result in REPLAY_RESULTS:
+            assert value(s, "fastgate_replay_store_checks_total", store=store, result=result) == 0
+        for kind in REPLAY_ERROR_KINDS:
+            assert value(s, "fastgate_replay_store_errors_total", store=store, kind=kind) == 0
+    # Only redis round trips are timed: the memory store has no histogram series.
+    assert value(s, "fastgate_replay_store_duration_seconds_count", store="redis") == 0
+    assert not any(name.startswith("fastgate_replay_store_duration")
+                   and dict(labels)["store"] == "memory" for (name, labels) in s)  # fmt: skip
+
+
+def test_replay_label_tuples_follow_the_replay_codes() -> None:
+    """fastgate.replay indexes the metrics rows with its codes and constants."""
+    assert REPLAY_RESULTS[replay.FRESH] == "fresh"
+    assert REPLAY_RESULTS[replay.REPLAYED] == "replayed"
+    assert REPLAY_RESULTS[replay.NONCE_UNKNOWN] == "nonce_unknown"
+    assert REPLAY_RESULTS[replay.UNAVAILABLE] == "unavailable"
+    assert len(REPLAY_RESULTS) == 4
+    assert REPLAY_STORES[replay.STORE_MEMORY] == "memory"
+    assert REPLAY_STORES[replay.STORE_REDIS] == "redis"
+    kinds = {replay.ERR_TIMEOUT: "timeout", replay.ERR_CONNECTION: "connection",
+             replay.ERR_PROTOCOL: "protocol", replay.ERR_FULL: "full"}  # fmt: skip
+    assert {i: REPLAY_ERROR_KINDS[i] for i in kinds} == kinds
+    assert len(REPLAY_ERROR_KINDS) == 4
 
 
 # -- exact counts --------------------------------------------------------------------------------
@@ -164,6 +198,16 @@ def test_counts_after_known_calls_are_exact() -> None:
     m.config_reload("success")
     m.config_reload("failure")
     m.config_reload("failure")
+    for _ in range(4):
+        m.replay_result(replay.STORE_REDIS, replay.FRESH)
+    m.replay_result(replay.STORE_REDIS, replay.REPLAYED)
+    m.replay_result(replay.STORE_MEMORY, replay.UNAVAILABLE)
+    m.replay_result(replay.STORE_MEMORY, replay.NONCE_UNKNOWN)
+    m.replay_error(replay.STORE_MEMORY, replay.ERR_FULL)
+    m.replay_error(replay.STORE_REDIS, replay.ERR_TIMEOUT)
+    m.replay_error(replay.STORE_REDIS, replay.ERR_TIMEOUT)
+    m.replay_observe(0.0002)
+    m.replay_observe(0.05)  # on a bound
 
     _, s = parse(m.render())
     assert value(s, "fastgate_requests_total", route="orders", status_class="2xx") == 3
@@ -211,6 +255,24 @@ def test_counts_after_known_calls_are_exact() -> None:
     assert ("fastgate_jwks_age_seconds", frozenset({("provider", "cognito")})) not in s
     assert value(s, "fastgate_config_reloads_total", result="success") == 1
     assert value(s, "fastgate_config_reloads_total", result="failure") == 2
+    checks = "fastgate_replay_store_checks_total"
+    assert value(s, checks, store="redis", result="fresh") == 4
+    assert value(s, checks, store="redis", result="replayed") == 1
+    assert value(s, checks, store="redis", result="unavailable") == 0
+    assert value(s, checks, store="memory", result="unavailable") == 1
+    assert value(s, checks, store="memory", result="nonce_unknown") == 1
+    assert value(s, checks, store="memory", result="fresh") == 0
+    errors = "fastgate_replay_store_errors_total"
+    assert value(s, errors, store="memory", kind="full") == 1
+    assert value(s, errors, store="redis", kind="timeout") == 2
+    assert value(s, errors, store="redis", kind="full") == 0
+    rdur = "fastgate_replay_store_duration_seconds"
+    assert value(s, rdur + "_bucket", store="redis", le="0.0001") == 0
+    assert value(s, rdur + "_bucket", store="redis", le="0.00025") == 1
+    assert value(s, rdur + "_bucket", store="redis", le="0.025") == 1
+    assert value(s, rdur + "_bucket", store="redis", le="0.05") == 2
+    assert value(s, rdur + "_count", store="redis") == 2
+    assert value(s, rdur + "_sum", store="redis") == pytest.approx(0.0502)
 
 
 def test_status_classes() -> None:
@@ -270,6 +332,9 @@ def test_hot_path_and_flush_never_call_labels(monkeypatch: pytest.MonkeyPatch) -
         m.reject(1, Reason.SIGNATURE_INVALID)
         m.request_done(1, 401, 0.003)
         m.inflight_dec()
+        m.replay_result(replay.STORE_REDIS, replay.REPLAYED)
+        m.replay_error(replay.STORE_REDIS, replay.ERR_CONNECTION)
+        m.replay_observe(0.0004)
     m.fetch("cognito", "success", 0.1)
     m.keys("cognito", 2)
     m.config_reload("success")
@@ -310,6 +375,9 @@ def test_a_binding_per_configuration_survives_a_reload() -> None:
     new.upstream_error(0, "reset")  # legacy
     new.cache_lookup(True)
     old.verify_observe(0.001)
+    old.replay_result(replay.STORE_MEMORY, replay.FRESH)
+    new.replay_result(replay.STORE_MEMORY, replay.FRESH)
+    new.replay_observe(0.001)
     _, s = parse(m.render())
     assert value(s, "fastgate_requests_total", route="orders", status_class="2xx") == 1
     assert value(s, "fastgate_requests_total", route="public", status_class="2xx") == 1
@@ -320,6 +388,9 @@ def test_a_binding_per_configuration_survives_a_reload() -> None:
     assert value(s, "fastgate_inflight_requests") == 2  # shared by every binding
     assert value(s, "fastgate_token_cache_lookups_total", result="hit") == 1
     assert value(s, "fastgate_verify_duration_seconds_count") == 1
+    # The replay store's series are not per configuration: every binding shares them.
+    assert value(s, "fastgate_replay_store_checks_total", store="memory", result="fresh") == 2
+    assert value(s, "fastgate_replay_store_duration_seconds_count", store="redis") == 1
 
 
 def test_label_values_only_from_configured_names() -> None:
@@ -328,6 +399,8 @@ def test_label_values_only_from_configured_names() -> None:
     m.reject(0, Reason.ISSUER_UNKNOWN)
     m.fetch("okta", "success", 0.1)
     m.age("cognito", 3)
+    m.replay_result(replay.STORE_REDIS, replay.UNAVAILABLE)
+    m.replay_error(replay.STORE_REDIS, replay.ERR_PROTOCOL)
     # A token's iss, a raw path or an unknown result never becomes a label: they are refused.
     with pytest.raises(ValueError):
         m.fetch("https://evil.example/", "success", 0.1)
@@ -344,9 +417,10 @@ def test_label_values_only_from_configured_names() -> None:
         "status_class": set(STATUS_CLASSES),
         "reason": {r.label for r in REJECT_REASONS},
         "upstream": set(UPSTREAMS),
-        "kind": set(UPSTREAM_ERROR_KINDS),
+        "kind": set(UPSTREAM_ERROR_KINDS) | set(REPLAY_ERROR_KINDS),
         "provider": set(PROVIDERS),
-        "result": {"hit", "miss", "success", "failure"},
+        "result": {"hit", "miss", "success", "failure", *REPLAY_RESULTS},
+        "store": set(REPLAY_STORES),
         "version": {fastgate.__version__},
         "extension": {"cython"},
     }
@@ -451,6 +525,9 @@ def test_disabled_metrics_are_no_ops() -> None:
     m.keys("anything", 1)
     m.age("anything", 1.0)
     m.config_reload("anything")
+    m.replay_result(1, 3)
+    m.replay_error(1, 0)
+    m.replay_observe(0.1)
     m.track_cache_entries(lambda: 1)
     m.flush()
     assert m.render() == b""
@@ -458,6 +535,7 @@ def test_disabled_metrics_are_no_ops() -> None:
     binding = m.bind(routes=("x",), upstreams=())
     binding.request_done(0, 200, 0.1)
     binding.inflight_inc()
+    binding.replay_result(0, 0)
     assert binding.route_index(None) == 1
 
 
@@ -482,15 +560,15 @@ def test_enabled_metrics_register_in_their_own_registry() -> None:
 # -- multi-process ---------------------------------------------------------------------------
 
 # What worker i does: (requests to route 0 with 200, rejects on route 1, cache hits,
-# in-flight left open, okta keys, okta age)
-WORK = ((1000, 7, 300, 2, 3, 10.0), (2345, 11, 50, 5, 2, 40.0))
+# in-flight left open, okta keys, okta age, redis replay checks answered replayed)
+WORK = ((1000, 7, 300, 2, 3, 10.0, 4), (2345, 11, 50, 5, 2, 40.0, 9))
 
 
 def _mp_worker(directory: str, index: int, setup: bool) -> None:
     """A worker: increments known amounts, flushes, exits (run in a separate process)."""
     if setup:  # spawn: nothing inherited but the environment
         setup_multiprocess(directory)
-    requests, rejects, hits, open_, okta_keys, okta_age = WORK[index]
+    requests, rejects, hits, open_, okta_keys, okta_age, replays = WORK[index]
     m = Metrics(routes=ROUTES, providers=PROVIDERS, upstreams=UPSTREAMS)
     assert m.multiprocess
     for _ in range(requests):
@@ -508,6 +586,10 @@ def _mp_worker(directory: str, index: int, setup: bool) -> None:
     m.keys("cognito", 1)
     m.age("okta", okta_age)
     m.fetch("okta", "success", 0.2)
+    for _ in range(replays):
+        m.replay_result(replay.STORE_REDIS, replay.REPLAYED)
+        m.replay_observe(0.0003)
+    m.replay_error(replay.STORE_REDIS, replay.ERR_TIMEOUT)
     m.flush()
 
 
@@ -568,6 +650,15 @@ def test_multiprocess_one_scrape_sums_all_workers(mp_dir: str, start_method: str
     assert value(s, "fastgate_token_cache_lookups_total", result="hit") == 350
     assert value(s, "fastgate_jwks_fetches_total", provider="okta", result="success") == 2
     assert value(s, "fastgate_jwks_fetch_duration_seconds_count", provider="okta") == 2
+    replays = sum(w[6] for w in WORK)
+    assert value(s, "fastgate_replay_store_checks_total", store="redis", result="replayed") \
+        == replays
+    assert value(s, "fastgate_replay_store_checks_total", store="memory", result="fresh") == 0
+    assert value(s, "fastgate_replay_store_errors_total", store="redis", kind="timeout") == 2
+    rdur = "fastgate_replay_store_duration_seconds"
+    assert value(s, rdur + "_count", store="redis") == replays
+    assert value(s, rdur + "_bucket", store="redis", le="0.0005") == replays
+    assert value(s, rdur + "_bucket", store="redis", le="0.00025") == 0
     # Gauges: in-flight summed, keys = the lowest worker, age = the oldest worker.
     assert value(s, "fastgate_inflight_requests") == 7
     assert value(s, "fastgate_jwks_keys", provider="okta") == 2
@@ -653,7 +744,7 @@ def test_dashboard_is_valid_and_uses_only_spec_metrics() -> None:
         for name in re.findall(r"\bfastgate_[a-z_]+", expr):
             base = re.sub(r"_(bucket|sum|count)$", "", name)
             used.add(base)
-    spec_section7 = set(SPEC) - {"fastgate_config_reloads_total"}
+    spec_section7 = set(SPEC) - ADDITIONS
     assert used <= spec_section7, used - spec_section7
     assert any("histogram_quantile(0.99" in e and "request_duration_seconds_bucket" in e
                for e in exprs)  # fmt: skip

@@ -29,10 +29,17 @@ def _pki(root: Path) -> tuple[Path, Path, Path]:
     return write_demo_pki(root)
 
 
-async def _upstream(ssl_ctx: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+async def _upstream(cert: Path | None = None, key: Path | None = None,
+                    ) -> tuple[web.AppRunner, int]:
+    """An upstream answering ``ok``; over TLS with ``cert`` and ``key``."""
+
     async def ok(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    ssl_ctx = None
+    if cert is not None:
+        ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ssl_ctx.load_cert_chain(cert, key)
     app = web.Application()
     app.router.add_get("/{tail:.*}", ok)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
@@ -51,6 +58,19 @@ async def _check(config: Path) -> tuple[int, str, str]:
     return proc.returncode, out.decode(), err.decode()
 
 
+def _config(path: Path, upstreams: dict[str, str], providers: dict[str, str],
+            upstream: str) -> Path:
+    """A gateway.yaml at ``path``: the given upstreams and providers (name -> flow mapping)
+    and one route ``r`` for ``/`` to ``upstream`` with every provider."""
+    path.write_text(
+        "upstreams:\n" + "".join(f"  {n}: {v}\n" for n, v in upstreams.items())
+        + "providers:\n" + "".join(f"  {n}: {v}\n" for n, v in providers.items())
+        + "routes:\n"
+        f"  - {{name: r, match: {{path_prefix: /}}, upstream: {upstream},"
+        f" auth: {{providers: [{', '.join(providers)}]}}}}\n")
+    return path
+
+
 def _line(out: str, what: str) -> str:
     (line,) = [x for x in out.splitlines() if what in x]
     return line
@@ -62,26 +82,19 @@ def test_online_check_passes_and_lists_every_item(tmp_path: Path) -> None:
     enc = dict(jwks_of(generate("ES256", "enc"))["keys"][0], use="enc")
 
     async def main() -> None:
-        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_ctx.load_cert_chain(cert, key)
         plain, plain_port = await _upstream()
-        secure, secure_port = await _upstream(server_ctx)
+        secure, secure_port = await _upstream(cert, key)
         try:
             async with IdP(keys=jwks_of(good)) as disc, IdP() as direct:
                 direct.set_keys(good, weak, enc)
-                cfg = tmp_path / "gateway.yaml"
-                cfg.write_text(
-                    "upstreams:\n"
-                    f"  plain: {{url: 'http://127.0.0.1:{plain_port}'}}\n"
-                    f"  secure: {{url: 'https://127.0.0.1:{secure_port}',"
-                    f" tls: {{ca_file: {ca}}}}}\n"
-                    "providers:\n"
-                    f"  disc: {{issuer: '{disc.issuer}', discovery: true}}\n"
-                    "  direct: {issuer: 'https://direct.example/',"
-                    f" jwks_uri: '{direct.jwks_url}'}}\n"
-                    "routes:\n"
-                    "  - {name: r, match: {path_prefix: /}, upstream: plain,"
-                    " auth: {providers: [disc, direct]}}\n")
+                cfg = _config(tmp_path / "gateway.yaml", {
+                    "plain": f"{{url: 'http://127.0.0.1:{plain_port}'}}",
+                    "secure": f"{{url: 'https://127.0.0.1:{secure_port}', tls: {{ca_file: {ca}}}}}",
+                }, {
+                    "disc": f"{{issuer: '{disc.issuer}', discovery: true}}",
+                    "direct": "{issuer: 'https://direct.example/',"
+                              f" jwks_uri: '{direct.jwks_url}'}}",
+                }, "plain")
                 code, out, err = await _check(cfg)
                 assert code == 0, out + err
                 line = _line(out, "providers.disc discovery")
@@ -109,25 +122,19 @@ def test_online_check_catches_a_trailing_slash_issuer_and_dead_parts(tmp_path: P
     _, cert, key = _pki(tmp_path)
 
     async def main() -> None:
-        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_ctx.load_cert_chain(cert, key)
-        secure, secure_port = await _upstream(server_ctx)
+        secure, secure_port = await _upstream(cert, key)
         try:
             async with IdP(keys=jwks_of(generate("ES256", "k"))) as idp, IdP() as empty:
                 empty.fault = "empty_keys"
                 dead = free_port()
-                cfg = tmp_path / "gateway.yaml"
                 # The provider publishes "http://127.0.0.1:PORT"; the config says ".../".
-                cfg.write_text(
-                    "upstreams:\n"
-                    f"  dead: {{url: 'http://127.0.0.1:{dead}', connect_timeout: 2s}}\n"
-                    f"  untrusted: {{url: 'https://127.0.0.1:{secure_port}'}}\n"
-                    "providers:\n"
-                    f"  slash: {{issuer: '{idp.issuer}/', discovery: true}}\n"
-                    f"  nokeys: {{issuer: 'https://n.example/', jwks_uri: '{empty.jwks_url}'}}\n"
-                    "routes:\n"
-                    "  - {name: r, match: {path_prefix: /}, upstream: dead,"
-                    " auth: {providers: [slash, nokeys]}}\n")
+                cfg = _config(tmp_path / "gateway.yaml", {
+                    "dead": f"{{url: 'http://127.0.0.1:{dead}', connect_timeout: 2s}}",
+                    "untrusted": f"{{url: 'https://127.0.0.1:{secure_port}'}}",
+                }, {
+                    "slash": f"{{issuer: '{idp.issuer}/', discovery: true}}",
+                    "nokeys": f"{{issuer: 'https://n.example/', jwks_uri: '{empty.jwks_url}'}}",
+                }, "dead")
                 code, out, err = await _check(cfg)
                 assert code == 1, out + err
                 assert "Traceback" not in err

@@ -42,7 +42,7 @@ from fastgate.config import (  # noqa: E402
 )
 from fastgate.errors import ConfigError  # noqa: E402
 from fastgate.otel import MISSING, SpanSink, Tee, request_sink  # noqa: E402
-from tests.gateway_fixtures import EchoUpstream, read_response  # noqa: E402
+from tests.gateway_fixtures import AppServer, EchoUpstream, read_response  # noqa: E402
 from tests.idp import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,11 +76,9 @@ def _attrs(kvs: Any) -> dict[str, Any]:
 
 
 @dataclass
-class Receiver:
+class Receiver(AppServer):
     """An OTLP/HTTP traces endpoint: every decoded span, and every raw body."""
 
-    runner: web.AppRunner
-    port: int
     spans: list[Span] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
 
@@ -88,43 +86,27 @@ class Receiver:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1/traces"
 
-    @classmethod
-    async def start(cls) -> Receiver:
-        holder: list[Receiver] = []
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/traces", self._traces)
 
-        async def traces(request: web.Request) -> web.Response:
-            body = await request.read()
-            if request.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            holder[0].bodies.append(body)
-            msg = trace_service.ExportTraceServiceRequest()
-            msg.ParseFromString(body)
-            for rs in msg.resource_spans:
-                resource = _attrs(rs.resource.attributes)
-                for ss in rs.scope_spans:
-                    for s in ss.spans:
-                        holder[0].spans.append(Span(
-                            s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
-                            s.kind, s.status.code, s.start_time_unix_nano,
-                            s.end_time_unix_nano, _attrs(s.attributes), resource))
-            return web.Response(
-                body=trace_service.ExportTraceServiceResponse().SerializeToString(),
-                content_type="application/x-protobuf")
-
-        app = web.Application()
-        app.router.add_post("/v1/traces", traces)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        assert site._server is not None
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        holder.append(cls(runner, port))
-        return holder[0]
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
+    async def _traces(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.bodies.append(body)
+        msg = trace_service.ExportTraceServiceRequest()
+        msg.ParseFromString(body)
+        for rs in msg.resource_spans:
+            resource = _attrs(rs.resource.attributes)
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    self.spans.append(Span(
+                        s.name, s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(),
+                        s.kind, s.status.code, s.start_time_unix_nano,
+                        s.end_time_unix_nano, _attrs(s.attributes), resource))
+        return web.Response(
+            body=trace_service.ExportTraceServiceResponse().SerializeToString(),
+            content_type="application/x-protobuf")
 
 
 def tracing(endpoint: str, sample: float = 1.0, mode: str = "pass") -> TracingConfig:

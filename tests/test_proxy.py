@@ -413,7 +413,11 @@ def test_every_reason_is_covered() -> None:
                Reason.API_KEY_INVALID, Reason.API_KEY_MISMATCH, Reason.JWKS_UNAVAILABLE,
                Reason.TOKEN_TYPE_INVALID,
                # over real TLS with client certificates: tests/test_tls.py
-               Reason.CERTIFICATE_MISMATCH}
+               Reason.CERTIFICATE_MISMATCH,
+               # DPoP, one-time tokens and the replay store (with Redis): tests/test_dpop.py
+               Reason.DPOP_PROOF_INVALID, Reason.DPOP_PROOF_REPLAYED,
+               Reason.DPOP_BINDING_MISMATCH, Reason.DPOP_NONCE_REQUIRED,
+               Reason.TOKEN_REPLAYED, Reason.REPLAY_STORE_UNAVAILABLE}
     assert covered == {r for r in Reason if r is not Reason.OK}
 
 

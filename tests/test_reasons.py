@@ -18,8 +18,17 @@ SPEC_TABLE: dict[Reason, tuple[int, str | None]] = {
             Reason.ISSUER_UNKNOWN, Reason.KEY_NOT_FOUND, Reason.SIGNATURE_INVALID,
             Reason.TOKEN_EXPIRED, Reason.TOKEN_NOT_YET_VALID, Reason.AUDIENCE_MISMATCH,
             Reason.CLAIM_MISSING, Reason.TOKEN_TYPE_INVALID, Reason.CERTIFICATE_MISMATCH,
+            Reason.TOKEN_REPLAYED,
         )
     },
+    # RFC 9449 §7.1: the DPoP scheme's challenge (algs is added per route, see below)
+    **{
+        r: (401, 'DPoP realm="fastgate", error="invalid_dpop_proof"')
+        for r in (Reason.DPOP_PROOF_INVALID, Reason.DPOP_PROOF_REPLAYED,
+                  Reason.DPOP_BINDING_MISMATCH)
+    },
+    Reason.DPOP_NONCE_REQUIRED: (401, 'DPoP realm="fastgate", error="use_dpop_nonce"'),
+    Reason.REPLAY_STORE_UNAVAILABLE: (503, None),
     Reason.TOKEN_AMBIGUOUS: (400, 'Bearer realm="fastgate", error="invalid_request"'),
     Reason.INSUFFICIENT_SCOPE: (403, 'Bearer realm="fastgate", error="insufficient_scope"'),
     Reason.CLAIM_MISMATCH: (403, 'Bearer realm="fastgate", error="insufficient_scope"'),
@@ -83,8 +92,24 @@ def test_rfc6750_error_codes(reason: Reason) -> None:
         Reason.INSUFFICIENT_SCOPE: "insufficient_scope",
         Reason.CLAIM_MISMATCH: "insufficient_scope",
         Reason.JWKS_UNAVAILABLE: "service_unavailable",
+        Reason.REPLAY_STORE_UNAVAILABLE: "service_unavailable",
+        # RFC 9449 §7.1 and §8 define DPoP's own codes
+        Reason.DPOP_PROOF_INVALID: "invalid_dpop_proof",
+        Reason.DPOP_PROOF_REPLAYED: "invalid_dpop_proof",
+        Reason.DPOP_BINDING_MISMATCH: "invalid_dpop_proof",
+        Reason.DPOP_NONCE_REQUIRED: "use_dpop_nonce",
     }.get(reason, "invalid_token")
     assert reason.error == expected
+
+
+def test_dpop_challenges_name_the_route_algorithms() -> None:
+    # RFC 9449 §7.1: algs lists the proof algorithms the resource server accepts
+    assert Reason.DPOP_PROOF_INVALID.www_authenticate(dpop_algs="ES256 EdDSA") == (
+        'DPoP realm="fastgate", error="invalid_dpop_proof", algs="ES256 EdDSA"')
+    assert Reason.DPOP_NONCE_REQUIRED.www_authenticate(dpop_algs="ES256") == (
+        'DPoP realm="fastgate", error="use_dpop_nonce", algs="ES256"')
+    # Bearer challenges never carry algs
+    assert "algs" not in (Reason.TOKEN_EXPIRED.www_authenticate(dpop_algs="ES256") or "")
 
 
 def test_values_are_stable() -> None:

@@ -13,6 +13,7 @@ from fastgate.responses import (
     NOT_FOUND,
     PAYLOAD_TOO_LARGE,
     REQUEST_TIMEOUT,
+    build_bearer_binding_reject,
     build_reject,
     build_rejects,
 )
@@ -28,11 +29,16 @@ EXPECTED = {
     Reason.API_KEY_INVALID: (401, 'Bearer realm="fastgate", error="invalid_request"'),
     Reason.API_KEY_MISMATCH: (403, 'Bearer realm="fastgate", error="invalid_token"'),
     Reason.JWKS_UNAVAILABLE: (503, None),
+    Reason.REPLAY_STORE_UNAVAILABLE: (503, None),
+    Reason.DPOP_NONCE_REQUIRED: (401, 'DPoP realm="fastgate", error="use_dpop_nonce"'),
 }
+for _r in (Reason.DPOP_PROOF_INVALID, Reason.DPOP_PROOF_REPLAYED, Reason.DPOP_BINDING_MISMATCH):
+    EXPECTED[_r] = (401, 'DPoP realm="fastgate", error="invalid_dpop_proof"')
 for _r in (Reason.TOKEN_MALFORMED, Reason.TOKEN_TOO_LARGE, Reason.ALG_NOT_ALLOWED,
            Reason.ISSUER_UNKNOWN, Reason.KEY_NOT_FOUND, Reason.SIGNATURE_INVALID,
            Reason.TOKEN_EXPIRED, Reason.TOKEN_NOT_YET_VALID, Reason.AUDIENCE_MISMATCH,
-           Reason.CLAIM_MISSING, Reason.TOKEN_TYPE_INVALID, Reason.CERTIFICATE_MISMATCH):
+           Reason.CLAIM_MISSING, Reason.TOKEN_TYPE_INVALID, Reason.CERTIFICATE_MISMATCH,
+           Reason.TOKEN_REPLAYED):
     EXPECTED[_r] = (401, f'Bearer realm="fastgate", error="invalid_token", '
                          f'error_description="{_r.label}"')
 
@@ -51,9 +57,10 @@ def test_every_reason(reason: Reason) -> None:
     assert orjson.loads(canned.body) == expected
     # The body and the header agree (RFC 6750 §3.1): an error code in one is in the other.
     www = reason.www_authenticate(None)
+    unavailable = (Reason.JWKS_UNAVAILABLE, Reason.REPLAY_STORE_UNAVAILABLE)
     assert (reason.error is None) == (www is None or "error=" not in www) or \
-        reason is Reason.JWKS_UNAVAILABLE
-    if reason is Reason.JWKS_UNAVAILABLE:
+        reason in unavailable
+    if reason in unavailable:
         assert resp.headers["Retry-After"] == "5"
     else:
         assert "Retry-After" not in resp.headers
@@ -63,13 +70,27 @@ def test_failure_status_and_hide_reasons() -> None:
     table = build_rejects(failure_status=403, hide_reasons=True)
     for reason in REJECT_REASONS:
         canned = table[reason]
-        if reason is Reason.JWKS_UNAVAILABLE:
+        if reason in (Reason.JWKS_UNAVAILABLE, Reason.REPLAY_STORE_UNAVAILABLE):
             assert canned.status == 503  # not the client's fault: never overridden
         else:
             assert canned.status == 403
         assert orjson.loads(canned.body) == ({} if reason.error is None
                                               else {"error": reason.error})
         assert canned.label == reason.label  # logs and metrics keep the reason
+
+
+def test_bearer_binding_reject_uses_the_bearer_challenge() -> None:
+    # RFC 9449 §7.2: a DPoP-bound token sent as Bearer is answered in the client's scheme
+    canned = build_bearer_binding_reject()
+    assert canned.status == 401
+    assert canned.headers["WWW-Authenticate"] == (
+        'Bearer realm="fastgate", error="invalid_token", '
+        'error_description="dpop_binding_mismatch"')
+    assert orjson.loads(canned.body) == {"error": "invalid_token",
+                                         "reason": "dpop_binding_mismatch"}
+    hidden = build_bearer_binding_reject(failure_status=403, hide_reasons=True)
+    assert hidden.status == 403 and orjson.loads(hidden.body) == {"error": "invalid_token"}
+    assert hidden.label == "dpop_binding_mismatch"
 
 
 def test_responses_are_fresh_objects() -> None:

@@ -100,6 +100,10 @@ LOADER_KEYS: list[tuple[tuple[str, ...], set[str]]] = [
     (("routes", "[]", "auth", "scopes"), _literal(c.ScopeRule, "mode")),
     (("routes", "[]", "auth", "claims", "*"), set(c._CLAIM_OPS)),
     (("routes", "[]", "auth", "api_key"), _names(c.ApiKeyRule)),
+    (("routes", "[]", "auth", "dpop"), _names(c.DpopConfig)),
+    (("replay_store",), {"memory", "redis"}),
+    (("replay_store", "memory"), {"max_entries"}),
+    (("replay_store", "redis"), _names(c.RedisStoreConfig)),
 ]
 
 

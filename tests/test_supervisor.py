@@ -14,7 +14,6 @@ import http.client
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,7 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fastgate.reasons import REJECT_REASONS
 from tests.conftest import key_for
 from tests.factory import AUDIENCE, ISSUER, default_claims, generate, jwks_of, make_token
-from tests.gateway_fixtures import EchoUpstream, Loop
+from tests.gateway_fixtures import EchoUpstream, Loop, dead_port
 
 REPO = Path(__file__).resolve().parent.parent
 DRAIN = 5.0  # drain_timeout of every config here
@@ -78,13 +77,6 @@ def upstream() -> Iterator[ThreadedUpstream]:
         yield up
     finally:
         up.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
 
 
 KEY = key_for("RS256")
@@ -212,7 +204,7 @@ def launch(tmp_path: Path, upstream: ThreadedUpstream) -> Iterator[Callable[...,
 
     def start(*, cli_workers: int | None = None, args: tuple[str, ...] = (),
               top: dict[str, Any] | None = None, **kw: Any) -> Fastgate:
-        port, admin = free_port(), free_port()
+        port, admin = dead_port(), dead_port()
         cfg_path = tmp_path / "gateway.yaml"
         write(cfg_path, {**config(upstream, port, admin, tmp_path, **kw), **(top or {})})
         argv = [sys.executable, "-m", "fastgate", "run", "-c", str(cfg_path), *args]

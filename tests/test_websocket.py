@@ -32,7 +32,14 @@ from fastgate.config import (
 from fastgate.reasons import Reason
 from tests.conftest import key_for
 from tests.factory import AUDIENCE, ISSUER, SigningKey, default_claims, jwks_of, make_token
-from tests.gateway_fixtures import Loop, RawResponse, eof_within, read_response, start_gateway
+from tests.gateway_fixtures import (
+    AppServer,
+    Loop,
+    RawResponse,
+    eof_within,
+    read_response,
+    start_gateway,
+)
 
 # -- design choices (one place each) ------------------------------------------------------------
 # `Upgrade: h2c` (RFC 9113 §3.1 removed it; RFC 9110 §7.8 lets a server ignore Upgrade):
@@ -68,62 +75,39 @@ H2C_TAILS = {
 
 
 @dataclass
-class WsUpstream:
+class WsUpstream(AppServer):
     """aiohttp WebSocket server on ``/<any>/echo``: echoes text and binary; ``push`` makes it
     send three messages of its own; ``close-me`` makes it close with 4000. ``/plain/...``
     answers an ordinary JSON echo of the request headers."""
 
-    runner: web.AppRunner
-    port: int
     handshakes: list[dict[str, str]] = field(default_factory=list)
     plain: list[tuple[str, dict[str, str]]] = field(default_factory=list)
     ended: list[tuple[float, int | None]] = field(default_factory=list)  # (time, close code)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/{prefix}/echo", self._ws)
+        app.router.add_get("/plain/{tail:.*}", self._plain)
 
-    @classmethod
-    async def start(cls) -> WsUpstream:
-        holder: dict[str, WsUpstream] = {}
+    async def _ws(self, request: web.Request) -> web.StreamResponse:
+        self.handshakes.append(dict(request.headers))
+        ws = web.WebSocketResponse(heartbeat=None, max_msg_size=8 * 1024 * 1024)
+        await ws.prepare(request)
+        async for msg in ws:
+            if msg.type == aiohttp.WSMsgType.TEXT and msg.data == "close-me":
+                await ws.close(code=4000, message=b"bye")
+            elif msg.type == aiohttp.WSMsgType.TEXT and msg.data == "push":
+                for i in range(3):
+                    await ws.send_str(f"push-{i}")
+            elif msg.type == aiohttp.WSMsgType.TEXT:
+                await ws.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        self.ended.append((time.monotonic(), ws.close_code))
+        return ws
 
-        async def ws_handler(request: web.Request) -> web.StreamResponse:
-            self = holder["self"]
-            self.handshakes.append(dict(request.headers))
-            ws = web.WebSocketResponse(heartbeat=None, max_msg_size=8 * 1024 * 1024)
-            await ws.prepare(request)
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT and msg.data == "close-me":
-                    await ws.close(code=4000, message=b"bye")
-                elif msg.type == aiohttp.WSMsgType.TEXT and msg.data == "push":
-                    for i in range(3):
-                        await ws.send_str(f"push-{i}")
-                elif msg.type == aiohttp.WSMsgType.TEXT:
-                    await ws.send_str(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    await ws.send_bytes(msg.data)
-            self.ended.append((time.monotonic(), ws.close_code))
-            return ws
-
-        async def plain_handler(request: web.Request) -> web.Response:
-            holder["self"].plain.append((request.raw_path, dict(request.headers)))
-            return web.json_response({"target": request.raw_path})
-
-        app = web.Application()
-        app.router.add_get("/{prefix}/echo", ws_handler)
-        app.router.add_get("/plain/{tail:.*}", plain_handler)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self = cls(runner=runner, port=port)
-        holder["self"] = self
-        return self
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
+    async def _plain(self, request: web.Request) -> web.Response:
+        self.plain.append((request.raw_path, dict(request.headers)))
+        return web.json_response({"target": request.raw_path})
 
 
 @dataclass

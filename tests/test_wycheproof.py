@@ -119,7 +119,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from _pytest.mark import ParameterSet
@@ -174,9 +174,15 @@ def _params(name: str, build: Callable[[dict[str, Any]], list[ParameterSet]]
     return build(_load(name))
 
 
-def _need(case: object, wycheproof_dir: Path) -> None:
-    if case is None:  # the fixture skipped already when the variable is unset
+C = TypeVar("C")
+
+
+def _need(case: C | None, wycheproof_dir: Path) -> C:
+    """The case of a vector file; a failure when the file is missing (the fixture skipped
+    already when ``FASTGATE_WYCHEPROOF_DIR`` is unset)."""
+    if case is None:
         pytest.fail(f"vector file missing under {wycheproof_dir}")
+    return case
 
 
 def _b64u_dec(s: str) -> bytes:
@@ -355,29 +361,15 @@ def _check_jose(case: JoseCase) -> None:
             f"{detail}: expected one of {sorted(r.name for r in case.reasons)}, got {got.name}")
 
 
-@pytest.mark.parametrize(
-    "case", _params("json_web_signature_test.json",
-                    lambda d: _jose_cases(d, "jws", jws_quirks=True)))
-def test_json_web_signature(wycheproof_dir: Path, case: JoseCase | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
-    _check_jose(case)
-
-
-@pytest.mark.parametrize(
-    "case", _params("json_web_key_test.json",
-                    lambda d: _jose_cases(d, "jwk", jws_quirks=False)))
-def test_json_web_key(wycheproof_dir: Path, case: JoseCase | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
-    _check_jose(case)
-
-
-@pytest.mark.parametrize("case", _params("json_web_crypto_test.json", _crypto_jws_cases))
-def test_json_web_crypto_jws(wycheproof_dir: Path, case: JoseCase | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
-    _check_jose(case)
+@pytest.mark.parametrize("case", [
+    *_params("json_web_signature_test.json", lambda d: _jose_cases(d, "jws", jws_quirks=True)),
+    *_params("json_web_key_test.json", lambda d: _jose_cases(d, "jwk", jws_quirks=False)),
+    *_params("json_web_crypto_test.json", _crypto_jws_cases),
+])
+def test_jose_vector(wycheproof_dir: Path, case: JoseCase | None) -> None:
+    """The JWS vectors of json_web_signature_test (``jws-``), json_web_key_test (``jwk-``) and
+    the JWS groups of json_web_crypto_test (``jwcrypto-``)."""
+    _check_jose(_need(case, wycheproof_dir))
 
 
 # json_web_key_test.json: what Verifier.set_jwks (the JWKS path every provider uses) must do
@@ -411,8 +403,7 @@ def _jwk_set_cases(data: dict[str, Any]) -> list[ParameterSet]:
 def test_json_web_key_set_policy(wycheproof_dir: Path,
                                  case: tuple[int, list[dict[str, Any]], str | None] | None
                                  ) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
+    case = _need(case, wycheproof_dir)
     tc, keys, defect = case
     verifier = Verifier(issuer=_ISSUER, jwks={"keys": []})
     report = verifier.set_jwks({"keys": keys})
@@ -437,22 +428,14 @@ def _check_jwe(case: tuple[int, str]) -> None:
     assert got is R.TOKEN_MALFORMED, f"tc{tc}: expected TOKEN_MALFORMED, got {got.name}"
 
 
-@pytest.mark.parametrize(
-    "case", _params("json_web_encryption_test.json", lambda d: _jwe_cases(d, "jwe")))
-def test_json_web_encryption_rejected(wycheproof_dir: Path,
-                                      case: tuple[int, str] | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
-    _check_jwe(case)
-
-
-@pytest.mark.parametrize(
-    "case", _params("json_web_crypto_test.json", lambda d: _jwe_cases(d, "jwcrypto_jwe")))
-def test_json_web_crypto_jwe_rejected(wycheproof_dir: Path,
-                                      case: tuple[int, str] | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
-    _check_jwe(case)
+@pytest.mark.parametrize("case", [
+    *_params("json_web_encryption_test.json", lambda d: _jwe_cases(d, "jwe")),
+    *_params("json_web_crypto_test.json", lambda d: _jwe_cases(d, "jwcrypto_jwe")),
+])
+def test_jwe_rejected(wycheproof_dir: Path, case: tuple[int, str] | None) -> None:
+    """The JWE vectors of json_web_encryption_test (``jwe-``) and json_web_crypto_test
+    (``jwcrypto_jwe-``)."""
+    _check_jwe(_need(case, wycheproof_dir))
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,18 +497,6 @@ def _expected_sig_len(jwk: dict[str, Any], alg: str) -> int:
 
 
 @dataclass(frozen=True)
-class SigCase:
-    label: str
-    tc: int
-    alg: str
-    jwk: dict[str, Any]
-    msg: bytes
-    sig: bytes
-    result: str
-    flags: tuple[str, ...]
-
-
-@dataclass(frozen=True)
 class KeyCase:
     label: str
     tc: int
@@ -533,36 +504,53 @@ class KeyCase:
     jwk: dict[str, Any]
 
 
-def _sig_cases() -> list[ParameterSet]:
+@dataclass(frozen=True)
+class SigCase(KeyCase):
+    msg: bytes
+    sig: bytes
+    result: str
+    flags: tuple[str, ...]
+
+
+SigGroup = Callable[[str, str, dict[str, Any], list[Any]], list[ParameterSet]]
+
+
+def _sig_file_params(build: SigGroup, unavailable: str) -> list[ParameterSet]:
+    """``build(label, alg, group, marks)`` for every group of every signature file (marks:
+    the skip of a PSS group whose parameters the JWS alg cannot express); one placeholder
+    ``{label}<unavailable>`` per missing file."""
     out: list[ParameterSet] = []
     for label, name, alg in _SIG_FILES:
         if not _ROOT or not (Path(_ROOT) / name).is_file():
-            out.append(pytest.param(None, id=f"{label}-unavailable"))
+            out.append(pytest.param(None, id=f"{label}{unavailable}"))
             continue
         for group in _load(name)["testGroups"]:
-            jwk = _group_jwk(group, alg)
             skip = _pss_mismatch(group, alg)
             marks = [pytest.mark.skip(reason=skip)] if skip else []
-            for t in group["tests"]:
-                case = SigCase(label, t["tcId"], alg, jwk, bytes.fromhex(t["msg"]),
-                               bytes.fromhex(t["sig"]), t["result"], tuple(t["flags"]))
-                out.append(pytest.param(case, id=f"{label}-tc{t['tcId']}", marks=marks))
+            out.extend(build(label, alg, group, marks))
     return out
+
+
+def _sig_cases() -> list[ParameterSet]:
+    def build(label: str, alg: str, group: dict[str, Any], marks: list[Any]
+              ) -> list[ParameterSet]:
+        jwk = _group_jwk(group, alg)
+        return [pytest.param(SigCase(label, t["tcId"], alg, jwk, bytes.fromhex(t["msg"]),
+                                     bytes.fromhex(t["sig"]), t["result"], tuple(t["flags"])),
+                             id=f"{label}-tc{t['tcId']}", marks=marks)
+                for t in group["tests"]]
+
+    return _sig_file_params(build, "-unavailable")
 
 
 def _key_cases() -> list[ParameterSet]:
-    out: list[ParameterSet] = []
-    for label, name, alg in _SIG_FILES:
-        if not _ROOT or not (Path(_ROOT) / name).is_file():
-            out.append(pytest.param(None, id=f"{label}-key-unavailable"))
-            continue
-        for group in _load(name)["testGroups"]:
-            first = group["tests"][0]["tcId"]
-            skip = _pss_mismatch(group, alg)
-            marks = [pytest.mark.skip(reason=skip)] if skip else []
-            out.append(pytest.param(KeyCase(label, first, alg, _group_jwk(group, alg)),
-                                    id=f"{label}-key-tc{first}", marks=marks))
-    return out
+    def build(label: str, alg: str, group: dict[str, Any], marks: list[Any]
+              ) -> list[ParameterSet]:
+        first = group["tests"][0]["tcId"]
+        return [pytest.param(KeyCase(label, first, alg, _group_jwk(group, alg)),
+                             id=f"{label}-key-tc{first}", marks=marks)]
+
+    return _sig_file_params(build, "-key-unavailable")
 
 
 _B64URL = re.compile(rb"[A-Za-z0-9_-]+")
@@ -598,8 +586,7 @@ def _token(alg: str, kid: str | None, payload: bytes, sig: bytes) -> tuple[str, 
 
 @pytest.mark.parametrize("case", _key_cases())
 def test_primitive_group_key_loads(wycheproof_dir: Path, case: KeyCase | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
+    case = _need(case, wycheproof_dir)
     jwk = dict(case.jwk)
     verifier = Verifier(issuer=_ISSUER, jwks={"keys": [jwk]}, algorithms=[case.alg])
     report = verifier.set_jwks({"keys": [jwk]})
@@ -611,8 +598,7 @@ def test_primitive_group_key_loads(wycheproof_dir: Path, case: KeyCase | None) -
 @pytest.mark.parametrize("case", _sig_cases())
 def test_primitive_signature_rejected_over_jws_input(wycheproof_dir: Path,
                                                      case: SigCase | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
+    case = _need(case, wycheproof_dir)
     # The premise of this mapping: msg is not itself a JWS signing input, so (msg, sig) cannot
     # be replayed as a token and the vector's verdict does not carry over.
     assert not _is_signing_input(case.msg), f"{case.label} tc{case.tc}: msg is H.P-shaped"
@@ -818,8 +804,7 @@ def _ecdsa_valid(pub: ec.EllipticCurvePublicKey, crv: str, data: bytes, r: int, 
 @pytest.mark.parametrize("case", _recover_cases())
 def test_ecdsa_signature_bytes_under_recovered_key(wycheproof_dir: Path,
                                                    case: RecoverCase | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
+    case = _need(case, wycheproof_dir)
     for payload in _payloads(case.msg):
         _check_recovered(case, payload)
 
@@ -901,8 +886,7 @@ def _xor(a: bytes, b: bytes) -> bytes:
 
 @pytest.mark.parametrize("case", _mac_cases())
 def test_hmac_vector_as_jws(wycheproof_dir: Path, case: MacCase | None) -> None:
-    _need(case, wycheproof_dir)
-    assert case is not None
+    case = _need(case, wycheproof_dir)
     digest = "sha" + case.alg[2:]
     full_bits = int(case.alg[2:])
     tag_len = case.tag_bits // 8
