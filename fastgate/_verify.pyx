@@ -29,7 +29,7 @@ from cpython.long cimport PyLong_AsDouble, PyLong_AsLongLongAndOverflow
 from cpython.set cimport PySet_Contains
 from cpython.ref cimport PyObject
 from libc.math cimport INFINITY, isfinite
-from libc.string cimport memchr, memcmp
+from libc.string cimport memchr, memcmp, memcpy
 from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 import base64 as _base64
@@ -616,11 +616,47 @@ cdef tuple _hmac_states(bytes secret, unsigned int mask):
                  for code in (A_HS256, A_HS384, A_HS512))
 
 
+cdef inline Py_ssize_t _der_int(unsigned char* out, const unsigned char* v, Py_ssize_t n):
+    """One DER INTEGER (X.690 §8.3: minimal, non-negative) of the big-endian unsigned ``v``
+    into ``out`` (room for n + 3 bytes); the bytes written."""
+    cdef Py_ssize_t i = 0, k, m
+    while i < n - 1 and v[i] == 0:
+        i += 1
+    m = n - i
+    out[0] = 0x02
+    if v[i] & 0x80:
+        out[1] = <unsigned char>(m + 1)
+        out[2] = 0
+        k = 3
+    else:
+        out[1] = <unsigned char>m
+        k = 2
+    memcpy(out + k, v + i, m)
+    return k + m
+
+
+cdef bytes _dss_der(const char* raw, Py_ssize_t half):
+    """RFC 7518 §3.4's R||S (each ``half`` bytes, at most 66: P-521) as the DER
+    ECDSA-Sig-Value `cryptography` verifies (RFC 3279 §2.2.3), built in C: the same bytes as
+    encode_dss_signature(int.from_bytes(R), int.from_bytes(S)), without the Python ints."""
+    cdef unsigned char buf[148]
+    cdef Py_ssize_t body, hl
+    body = _der_int(buf + 3, <const unsigned char*>raw, half)
+    body += _der_int(buf + 3 + body, <const unsigned char*>raw + half, half)
+    if body < 0x80:  # X.690 §8.1.3.4: the short length form
+        buf[1] = 0x30
+        buf[2] = <unsigned char>body
+        return PyBytes_FromStringAndSize(<char*>buf + 1, body + 2)
+    buf[0] = 0x30
+    buf[1] = 0x81  # the long form, one length byte (body <= 2 * (66 + 3))
+    buf[2] = <unsigned char>body
+    return PyBytes_FromStringAndSize(<char*>buf, body + 3)
+
+
 cdef bint _verify_sig(_Key key, int alg, bytes signing_input, bytes sig) except -1:
     global _SIG_OPS
     cdef int fam = _FAM[alg]
     cdef Py_ssize_t n = PyBytes_GET_SIZE(sig)
-    cdef Py_ssize_t half
     _SIG_OPS += 1
     try:
         if fam == F_HMAC:
@@ -639,10 +675,8 @@ cdef bint _verify_sig(_Key key, int alg, bytes signing_input, bytes sig) except 
             # RFC 7518 §3.4: raw R||S of exactly 2 * field length; DER only internally.
             if n != _ECLEN[alg]:
                 return False
-            half = n >> 1
-            der = _encode_dss(_int_from_bytes(sig[:half], "big"),
-                              _int_from_bytes(sig[half:], "big"))
-            key.pub.verify(der, signing_input, _ECDSA[alg])
+            key.pub.verify(_dss_der(PyBytes_AS_STRING(sig), n >> 1), signing_input,
+                           _ECDSA[alg])
         else:  # F_ED, RFC 8037 §3.1
             if n != key.siglen:
                 return False
@@ -2068,6 +2102,24 @@ def access_token_hash(token):
     return b64url(_sha256(token).digest())
 
 
+# ath per access token (RFC 9449 §4.2): a client sends one token with many proofs, and the
+# data plane's token is the str the token cache already hashed, so a lookup costs less than
+# the encode + SHA-256 + base64url it saves. Bounded like _PROOF_KEYS.
+cdef dict _ATHS = {}
+cdef Py_ssize_t _ATHS_MAX = 4096
+
+
+cdef str _token_ath(str token):
+    cdef object got = _ATHS.get(token)
+    if got is not None:
+        return <str>got
+    ath = access_token_hash(token)
+    if len(_ATHS) >= _ATHS_MAX:
+        _ATHS.clear()
+    _ATHS[token] = ath
+    return ath
+
+
 @cython.final
 @cython.no_gc
 cdef class _ProofKey:
@@ -2267,7 +2319,7 @@ cdef class DpopRule:
         # Check 11 (§11.1): recent enough, and not from the future beyond the skew.
         if not isfinite(iat) or iat < t - self.max_age or iat > t + self.skew:
             return _dpop_fail(r, R_DPOP_PROOF_INVALID, D_PROOF_IAT)
-        if ath != access_token_hash(token):  # check 12
+        if ath != _token_ath(token):  # check 12
             return _dpop_fail(r, R_DPOP_PROOF_INVALID, D_PROOF_ATH)
         # Check 6: the signature, with the proof's own jwk.
         if not _verify_sig(pk.key, pk.alg, PyBytes_FromStringAndSize(p, d2), <bytes>sig):

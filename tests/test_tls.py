@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import logging
 import shutil
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -403,6 +405,86 @@ def test_tls12_default_minimum_and_min_version_13(loop: Loop, echo: EchoUpstream
     assert v13 == "TLSv1.3"
     assert refused.startswith("refused:")  # the same client that 1.2 accepted above
     assert echo.records == []
+
+
+def _resuming_client(port: int, ctx: ssl.SSLContext, n: int,
+                     session: ssl.SSLSession | None = None,
+                     ) -> tuple[list[tuple[bool, bytes]], ssl.SSLSession | None]:
+    """n connections, one request each, every one offering the session of the one before
+    (as browsers and wrk do): (session_reused, status line) per connection, last session."""
+    out: list[tuple[bool, bytes]] = []
+    for _ in range(n):
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="ec.test", session=session) as conn:
+            conn.sendall(http_request("GET", "/hello", close=True))
+            data = b""
+            while chunk := conn.recv(65536):  # until the gateway's close_notify
+                data += chunk
+            out.append((conn.session_reused, data.split(b"\r\n", 1)[0]))
+            session = conn.session  # TLS 1.3: the ticket came after the handshake
+    return out, session
+
+
+@pytest.mark.parametrize("version", ["1.3", "1.2"])
+def test_returning_client_resumes_from_the_server_session_cache(
+        loop: Loop, echo: EchoUpstream, pki: Pki, served: tuple[Path, Path],
+        version: str) -> None:
+    """RFC 8446 §2.2 (PSK from a NewSessionTicket) / RFC 5246 §7.4.1.2 (session id): a
+    returning client skips the certificate and signature. No tickets are issued
+    (``OP_NO_TICKET``): sessions live in the listener's own cache, which a certificate
+    reload keeps, as the ticket key was kept before."""
+    cert, key = served
+    config = gateway_config(echo.url, tls=tls_config(TlsCertificate(str(cert), str(key))))
+    ctx = client_context(pki, max_version=ssl.TLSVersion.TLSv1_2 if version == "1.2" else None)
+
+    async def go() -> tuple[list[tuple[bool, bytes]], int, list[tuple[bool, bytes]]]:
+        gw = await start_gateway(config)
+        try:
+            assert gw.tls is not None
+            first, session = await asyncio.to_thread(_resuming_client, gw.port, ctx, 3)
+            cached = gw.tls.context.session_stats()["number"]
+            _install(pki.issue("ec.test"), cert, key)
+            assert gw.tls.check() is True
+            after, _ = await asyncio.to_thread(_resuming_client, gw.port, ctx, 1, session)
+            return first, cached, after
+        finally:
+            await gw.stop()
+
+    first, cached, after_reload = loop.run(go())
+    ok = b"HTTP/1.1 200 OK"
+    assert first == [(False, ok), (True, ok), (True, ok)]
+    assert cached >= 1  # server-side sessions (with tickets this cache stays empty in 1.3)
+    assert after_reload == [(True, ok)]  # a session from before the reload
+
+
+def test_bodies_of_many_records_cross_the_listener_intact(loop: Loop, echo: EchoUpstream,
+                                                          pki: Pki) -> None:
+    """uvloop drives the listener's connections through ``TransportSSLObject`` (the ``_ssl``
+    read/write/pending themselves): a 300 KB request body (about 19 TLS records, several per
+    socket read) reaches the upstream byte for byte, and a 1 MB response arrives whole."""
+    body = bytes(range(251)) * 1200  # 301,200 bytes, no period that lines up with a record
+    config = gateway_config(echo.url, tls=tls_config(pki.ecdsa))
+
+    async def go() -> tuple[RawResponse, RawResponse]:
+        gw = await start_gateway(config)
+        try:
+            assert gw.tls is not None
+            assert gw.tls.context.sslobject_class is fastgate_tls.TransportSSLObject
+            client = await connect(gw.port, client_context(pki), "ec.test")
+            client.writer.write(http_request("POST", "/upload", body=body, close=False))
+            posted = await asyncio.wait_for(read_response(client.reader), 10)
+            big = await client.get("/big/1000000", close=True)
+            await client.close()
+            return posted, big
+        finally:
+            await gw.stop()
+
+    posted, big = loop.run(go())
+    assert posted.status == 200
+    assert posted.json()["body_len"] == len(body)
+    assert posted.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert big.status == 200 and len(big.body) == 1_000_000
+    assert big.body[:512] == bytes(range(256)) * 2
 
 
 # ---------------------------------------------------------------------------------------------
