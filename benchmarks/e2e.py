@@ -207,14 +207,14 @@ def token_files(key: rsa.RSAPrivateKey, run_dir: Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# W4: DPoP-bound tokens and their proofs (fastgate.devtoken: make_dpop_proof, jwk_thumbprint)
+# W4: DPoP-bound tokens and their proofs (fastgate.tools.devtoken: make_dpop_proof, jwk_thumbprint)
 # ---------------------------------------------------------------------------------------------
 
 
 def _devtoken() -> Any:
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    import fastgate.devtoken as devtoken
+    import fastgate.tools.devtoken as devtoken
 
     return devtoken
 

@@ -160,9 +160,9 @@ def micro(run_dir: Path, n: int = 200_000) -> dict[str, float]:
     """
     import timeit
 
-    from fastgate.accesslog import AccessLog
     from fastgate.config import AccessLogConfig
-    from fastgate.metrics import Metrics
+    from fastgate.ops.accesslog import AccessLog
+    from fastgate.ops.metrics import Metrics
 
     def per_call(fn: Any) -> float:
         best = min(timeit.repeat(fn, number=n, repeat=3))
@@ -192,7 +192,7 @@ def micro(run_dir: Path, n: int = 200_000) -> dict[str, float]:
 
 
 class _Exchange:
-    """What SpanSink reads of fastgate._http.Exchange, for one admitted W1 request."""
+    """What SpanSink reads of fastgate.dataplane._http.Exchange, for one admitted W1 request."""
 
     method = "GET"
     raw_path = "/api/bench"
@@ -210,7 +210,7 @@ def micro_otel(n: int = 20_000, chunk: int = 1_000) -> dict[str, float]:
     except ImportError:
         return {}
     from fastgate.config import OtelConfig, TracingConfig
-    from fastgate.otel import SpanSink
+    from fastgate.ops.otel import SpanSink
 
     class Discard(SpanExporter):  # type: ignore[misc]
         def __init__(self, encode: bool) -> None:

@@ -62,7 +62,7 @@ CONTENDED = 0.9  # a target's share of its CPU below this: the round was disturb
 def make_pki(d: Path) -> tuple[Path, Path, Path]:
     """The demo's throw-away CA and ECDSA P-256 certificate for 127.0.0.1:
     (cert, key, combined cert+key for HAProxy's ``crt``)."""
-    from fastgate.demo import write_demo_pki
+    from fastgate.tools.demo import write_demo_pki
 
     _, cert, key = write_demo_pki(d)
     (d / "tls.pem").write_bytes(cert.read_bytes() + key.read_bytes())

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastgate.reasons import Reason
+from fastgate.token.reasons import Reason
 
 try:
-    from fastgate._verify import (
+    from fastgate.token._verify import (
         IssuerSet,
         KeyReport,
         Result,
@@ -16,7 +16,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
     # SPEC §1: no silent pure-Python fallback; say how to get the compiled hot path.
     raise ImportError(
-        "fastgate's compiled verifier (fastgate._verify) is missing. Build it with "
+        "fastgate's compiled verifier (fastgate.token._verify) is missing. Build it with "
         "`pip install .` (or `pip install -e .` / `python setup.py build_ext --inplace` "
         "in a checkout); it needs a C compiler and the Python headers."
     ) from exc

@@ -1,6 +1,6 @@
 """Compile a ``GatewayConfig`` into runtime tables and run the data-plane server.
 
-:class:`Gateway` is the unit :mod:`fastgate.supervisor` runs (in the single process, or one
+:class:`Gateway` is the unit :mod:`fastgate.ops.supervisor` runs (in the single process, or one
 per worker process, each on its own event loop); the supervisor owns signals and reloads::
 
     gw = Gateway.build(config, metrics=m, access_log=a, worker=0)   # compile; ConfigError
@@ -13,7 +13,7 @@ per worker process, each on its own event loop); the supervisor owns signals and
 What is compiled once (the hot path only reads these): the route table; one ``UpstreamPool``
 per upstream; one ``TokenCache`` shared by every provider of the worker; one ``Verifier`` per
 provider (``name=``, ``cache=``, ``max_token_bytes=``) fed by its key source
-(:func:`fastgate.jwks.build_key_source`); per route one ``IssuerSet`` over its providers with
+(:func:`fastgate.keys.jwks.build_key_source`); per route one ``IssuerSet`` over its providers with
 the route's ``audiences`` override, a ``TokenExtractor`` over the union of the providers'
 ``token_from``, a ``Policy``, an ``ApiKeyCheck`` and the reject responses indexed by Reason.
 """
@@ -27,16 +27,16 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from fastgate._http import RelayConn
-from fastgate._verify import IssuerSet, TokenCache, Verifier
-from fastgate.apikeys import ApiKeyCheck, ApiKeyTable
+from fastgate.auth.apikeys import ApiKeyCheck, ApiKeyTable
+from fastgate.auth.dpop import DPOP_HEADER, DPOP_SOURCE, NonceIssuer, compile_possession, dpop_algs
+from fastgate.auth.extract import TokenExtractor, dedupe_sources
+from fastgate.auth.policy import Policy
+from fastgate.auth.replay import build_store
+from fastgate.auth.responses import DEFAULT_REJECTS, build_rejects
 from fastgate.config import GatewayConfig, ProviderConfig
-from fastgate.dpop import DPOP_HEADER, DPOP_SOURCE, NonceIssuer, compile_possession, dpop_algs
-from fastgate.errors import ConfigError
-from fastgate.extract import TokenExtractor, dedupe_sources
-from fastgate.policy import Policy
-from fastgate.protocol import Server
-from fastgate.proxy import (
+from fastgate.dataplane._http import RelayConn
+from fastgate.dataplane.protocol import Server
+from fastgate.dataplane.proxy import (
     HOP_BY_HOP,
     AccessLog,
     DataPlane,
@@ -45,11 +45,11 @@ from fastgate.proxy import (
     RouteRuntime,
     Tables,
 )
-from fastgate.replay import build_store
-from fastgate.responses import DEFAULT_REJECTS, build_rejects
-from fastgate.routes import RouteTable
-from fastgate.tls import ListenerTLS, TLSLoadError
-from fastgate.upstream import UpstreamPool
+from fastgate.dataplane.routes import RouteTable
+from fastgate.dataplane.tls import ListenerTLS, TLSLoadError
+from fastgate.dataplane.upstream import UpstreamPool
+from fastgate.errors import ConfigError
+from fastgate.token._verify import IssuerSet, TokenCache, Verifier
 
 log = logging.getLogger("fastgate.app")
 
@@ -92,8 +92,8 @@ def build_verifier(provider: ProviderConfig, cache: TokenCache, max_token_bytes:
 
 
 def build_key_source(provider: ProviderConfig, verifier: Verifier, metrics: object | None) -> Any:
-    """The seam to :mod:`fastgate.jwks` (static, file and remote key sources)."""
-    from fastgate import jwks, sharedkeys
+    """The seam to :mod:`fastgate.keys.jwks` (static, file and remote key sources)."""
+    from fastgate.keys import jwks, sharedkeys
 
     hooks = metrics if metrics is not None and hasattr(metrics, "fetch") else None
     # A worker of N gets remote keys from the master (one fetch per host), see sharedkeys.

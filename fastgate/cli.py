@@ -84,7 +84,7 @@ def path_regex_warnings(config: GatewayConfig) -> list[str]:
 
 def _covers_path(a: RouteMatch, b: RouteMatch) -> bool:
     """Every path ``b`` matches, ``a`` matches too (prefixes are plain string prefixes and
-    regexes are full-matched, as in fastgate/_routes.pyx)."""
+    regexes are full-matched, as in fastgate/dataplane/_routes.pyx)."""
     if a.path is None and a.path_prefix is None and a.path_regex is None:
         return True  # host only: every path
     if a.path_prefix is not None:
@@ -167,7 +167,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return 0
     import asyncio
 
-    from fastgate.online import check_online, render
+    from fastgate.tools.online import check_online, render
 
     items = asyncio.run(check_online(config))
     if items:
@@ -182,7 +182,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from fastgate.schema import schema
+    from fastgate.config.schema import schema
 
     print(orjson.dumps(schema(), option=orjson.OPT_INDENT_2).decode())
     return 0
@@ -203,9 +203,9 @@ def version_text() -> str:
     suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     compiled: list[str] = []
     missing: list[str] = []
-    for source in sorted(package.glob("_*.pyx")):
+    for source in sorted(package.glob("*/_*.pyx"), key=lambda p: p.stem):
         name = source.stem
-        (compiled if any((package / f"{name}{sfx}").exists() for sfx in suffixes)
+        (compiled if any((source.parent / f"{name}{sfx}").exists() for sfx in suffixes)
          else missing).append(name)
     ext = "compiled: " + (", ".join(compiled) or "none")
     if missing:
@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_or_report(args.config)
     if config is None:
         return 1
-    from fastgate import supervisor
+    from fastgate.ops import supervisor
 
     return supervisor.run(config, workers=args.workers, log_level=args.log_level,
                           log_format=args.log_format)
@@ -298,7 +298,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     ``--dpop``: a token bound to a client key (``cnf.jkt``, RFC 9449 §6.1) and one proof for
     ``--htm``/``--htu``; standard output is three lines: the token, the proof, a curl line."""
     from fastgate.config import parse_duration
-    from fastgate.devtoken import (
+    from fastgate.tools.devtoken import (
         DevKey,
         generate_key,
         jwk_thumbprint,
@@ -393,7 +393,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from fastgate import demo
+    from fastgate.tools import demo
 
     if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
         print("--duration must be a number of seconds > 0", file=sys.stderr)
@@ -423,7 +423,7 @@ def _parse_now(text: str) -> float:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 0 when the token would be accepted, 1 when rejected, 2 on usage/config errors."""
-    from fastgate.explain import ExplainError, explain
+    from fastgate.tools.explain import ExplainError, explain
 
     token = sys.stdin.read() if args.token == "-" else args.token
     if not token.strip():

@@ -8,13 +8,13 @@ import sys
 import textwrap
 
 import fastgate
-import fastgate._verify
+import fastgate.token._verify
 
 
 def test_verifier_is_a_compiled_extension() -> None:
-    path = fastgate._verify.__file__ or ""
+    path = fastgate.token._verify.__file__ or ""
     assert path.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)), path
-    assert fastgate.Verifier is fastgate._verify.Verifier
+    assert fastgate.Verifier is fastgate.token._verify.Verifier
 
 
 def test_import_without_extension_says_how_to_build() -> None:
@@ -24,7 +24,7 @@ def test_import_without_extension_says_how_to_build() -> None:
         import sys
         class Block:
             def find_spec(self, name, path=None, target=None):
-                if name == "fastgate._verify":
+                if name == "fastgate.token._verify":
                     raise ImportError("hidden by test")
                 return None
         sys.meta_path.insert(0, Block())
@@ -40,10 +40,10 @@ def test_import_without_extension_says_how_to_build() -> None:
                           timeout=60)
     assert proc.returncode == 3, proc.stderr
     assert "pip install" in proc.stdout
-    assert "fastgate._verify" in proc.stdout
+    assert "fastgate.token._verify" in proc.stdout
 
 
 def test_no_pure_python_fallback_module_exists() -> None:
     import importlib.util
 
-    assert importlib.util.find_spec("fastgate._verify_py") is None
+    assert importlib.util.find_spec("fastgate.token._verify_py") is None

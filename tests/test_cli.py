@@ -450,7 +450,7 @@ RFC7638_THUMBPRINT = "NzbLsXh8uDCcd-6MNwXF4W_7noWXFZAfHkxZsRGC9Xs"
 def test_jwk_thumbprint_rfc7638_example_and_members() -> None:
     import hashlib
 
-    from fastgate.devtoken import b64url, jwk_thumbprint
+    from fastgate.tools.devtoken import b64url, jwk_thumbprint
 
     assert jwk_thumbprint(RFC7638_JWK) == RFC7638_THUMBPRINT
     # Only the required members count: kid/alg/use and private members change nothing, nor
@@ -531,7 +531,7 @@ def test_make_dpop_proof_every_key_type(alg: str, rsa_key: rsa.RSAPrivateKey) ->
 
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
-    from fastgate.devtoken import b64url, jwk_thumbprint, make_dpop_proof
+    from fastgate.tools.devtoken import b64url, jwk_thumbprint, make_dpop_proof
 
     private: Any = {
         "ES256": lambda: ec.generate_private_key(ec.SECP256R1()),
@@ -567,7 +567,7 @@ def test_make_dpop_proof_every_key_type(alg: str, rsa_key: rsa.RSAPrivateKey) ->
 
 def test_make_dpop_proof_refuses_what_cannot_be_a_proof(ec_key: ec.EllipticCurvePrivateKey,
                                                         ) -> None:
-    from fastgate.devtoken import make_dpop_proof
+    from fastgate.tools.devtoken import make_dpop_proof
 
     with pytest.raises(ValueError, match="asymmetric"):
         make_dpop_proof(b"secret" * 8, htm="GET", htu="https://a/")
@@ -592,7 +592,7 @@ def _dpop_cli_output(p: subprocess.CompletedProcess[str]) -> tuple[str, str, lis
 def test_token_dpop_mints_a_bound_token_a_proof_and_a_curl_line() -> None:
     import hashlib
 
-    from fastgate.devtoken import b64url, jwk_thumbprint, load_key, make_dpop_proof
+    from fastgate.tools.devtoken import b64url, jwk_thumbprint, load_key, make_dpop_proof
 
     url = "https://api.example.test:8443/orders/7?expand=1#top"
     p = fastgate("token", "--dpop", "--htm", "PATCH", "--htu", url, "--iss", ISS, "sub=alice")
@@ -620,7 +620,7 @@ def test_token_dpop_mints_a_bound_token_a_proof_and_a_curl_line() -> None:
 
 def test_token_dpop_with_a_client_key_file_and_more_proofs_for_one_token(
         tmp_path: Path, rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey) -> None:
-    from fastgate.devtoken import jwk_thumbprint
+    from fastgate.tools.devtoken import jwk_thumbprint
 
     issuer = str(pem_file(tmp_path, rsa_key))
     client_path = tmp_path / "client.jwk"

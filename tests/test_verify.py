@@ -28,7 +28,8 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastgate import IssuerSet, KeyReport, Reason, Result, TokenCache, Verifier, _verify, verify_jws
+from fastgate import IssuerSet, KeyReport, Reason, Result, TokenCache, Verifier, verify_jws
+from fastgate.token import _verify
 from tests.conftest import ASYMMETRIC_ALGS, HMAC_ALGS, key_for
 from tests.factory import (
     AUDIENCE,

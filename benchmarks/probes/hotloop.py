@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from fastgate import Verifier
-from fastgate._verify import IssuerSet, TokenCache
+from fastgate.token._verify import IssuerSet, TokenCache
 
 
 def _request_work(net: bool):  # type: ignore[no-untyped-def]

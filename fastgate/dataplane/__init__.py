@@ -1,0 +1,9 @@
+"""The request path: the client-facing HTTP/1.1 protocol, routes, the upstream pool, TLS.
+
+Owns: the compiled protocol and relay (`_http.pyx`, with flow control in `_flow.pyx` and the
+route table in `_routes.pyx`), the per-route runtime built from the config (`proxy`), the
+upstream connection pool (`upstream`), and the TLS contexts of the listener and upstreams
+(`tls`).
+May import: `fastgate.auth`, `fastgate.keys`, `fastgate.config`, `fastgate.token`, the leaf
+modules.
+"""
