@@ -24,8 +24,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol
 
 from fastgate.auth.apikeys import ApiKeyCheck, ApiKeyTable
 from fastgate.auth.dpop import DPOP_HEADER, DPOP_SOURCE, NonceIssuer, compile_possession, dpop_algs
@@ -49,6 +49,8 @@ from fastgate.dataplane.routes import RouteTable
 from fastgate.dataplane.tls import ListenerTLS, TLSLoadError
 from fastgate.dataplane.upstream import UpstreamPool
 from fastgate.errors import ConfigError
+from fastgate.keys import jwks, sharedkeys
+from fastgate.keys.jwks import JwksMetrics, KeySource
 from fastgate.token._verify import IssuerSet, TokenCache, Verifier
 
 log = logging.getLogger("fastgate.app")
@@ -60,6 +62,27 @@ FORBIDDEN_INJECTED = HOP_BY_HOP | {
     "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded",
 }
 LISTEN_BACKLOG = 2048
+
+
+class GatewayMetrics(JwksMetrics, Protocol):
+    """What the gateway calls on its metrics: :class:`fastgate.ops.metrics.Metrics` (or its
+    ``NullMetrics`` when ``metrics: false``) implements it. The data plane's per-request calls
+    are bound once from :meth:`bind`'s result (:class:`fastgate.dataplane.proxy.MetricsHooks`);
+    the key sources call the :class:`~fastgate.keys.jwks.JwksMetrics` part."""
+
+    def bind(self, *, routes: Sequence[str], upstreams: Sequence[str],
+             public_routes: Iterable[str] = ()) -> object:
+        """Hot-path methods for one compiled configuration's route and upstream indexes."""
+
+    def reconfigure(self, *, routes: Sequence[str], providers: Sequence[str],
+                    upstreams: Sequence[str], public_routes: Iterable[str] = ()) -> None:
+        """Switch the indexes and providers to a reloaded configuration."""
+
+    def track_cache_entries(self, fn: Callable[[], int]) -> None:
+        """Read the token cache size from ``fn`` at every flush."""
+
+    def config_reload(self, result: str) -> None:
+        """One reload (``success`` or ``failure``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,23 +114,21 @@ def build_verifier(provider: ProviderConfig, cache: TokenCache, max_token_bytes:
     )
 
 
-def build_key_source(provider: ProviderConfig, verifier: Verifier, metrics: object | None) -> Any:
+def build_key_source(provider: ProviderConfig, verifier: Verifier,
+                     metrics: JwksMetrics | None) -> KeySource:
     """The seam to :mod:`fastgate.keys.jwks` (static, file and remote key sources)."""
-    from fastgate.keys import jwks, sharedkeys
-
-    hooks = metrics if metrics is not None and hasattr(metrics, "fetch") else None
     # A worker of N gets remote keys from the master (one fetch per host), see sharedkeys.
-    shared = sharedkeys.shared_source(provider, verifier, hooks)  # type: ignore[arg-type]
+    shared = sharedkeys.shared_source(provider, verifier, metrics)
     if shared is not None:
         return shared
-    return jwks.build_key_source(provider, verifier, metrics=hooks)  # type: ignore[arg-type]
+    return jwks.build_key_source(provider, verifier, metrics=metrics)
 
 
 def compile_tables(
     config: GatewayConfig,
     *,
     previous: Tables | None = None,
-    metrics: object | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> Tables:
     """Everything the data plane reads, built from the frozen config.
 
@@ -135,7 +156,7 @@ def compile_tables(
 
     # -- providers: one cache, one verifier and one key source each ----------------------
     verifiers: dict[str, Verifier] = {}
-    key_sources: dict[str, Any] = {}
+    key_sources: dict[str, KeySource] = {}
     if previous is not None and _providers_equal(previous.config, config):
         cache = previous.cache
         verifiers = dict(previous.verifiers)
@@ -284,11 +305,9 @@ def compile_tables(
         raise ConfigError(errors)
     # One metrics binding per compiled configuration (its own route/upstream indexes), so a
     # request that started on these tables counts under its route across a reload.
-    bind = getattr(metrics, "bind", None)
-    hooks = MetricsHooks(
-        bind(routes=[r.name for r in config.routes], upstreams=upstream_names,
-             public_routes=[r.name for r in config.routes if r.auth is None])
-        if callable(bind) else metrics)
+    hooks = MetricsHooks(None if metrics is None else metrics.bind(
+        routes=[r.name for r in config.routes], upstreams=upstream_names,
+        public_routes=[r.name for r in config.routes if r.auth is None]))
     return Tables(
         config=config,
         routes=table,
@@ -315,7 +334,7 @@ def compile_tables(
 class Gateway:
     """A compiled gateway bound to one event loop. Build with :meth:`build`."""
 
-    def __init__(self, tables: Tables, *, metrics: object | None = None,
+    def __init__(self, tables: Tables, *, metrics: GatewayMetrics | None = None,
                  access_log: AccessLog | None = None, worker: int = 0) -> None:
         self.worker = worker
         self.metrics = metrics
@@ -329,7 +348,7 @@ class Gateway:
         self._closed = False
 
     @classmethod
-    def build(cls, config: GatewayConfig, *, metrics: object | None = None,
+    def build(cls, config: GatewayConfig, *, metrics: GatewayMetrics | None = None,
               access_log: AccessLog | None = None, worker: int = 0) -> Gateway:
         """Compile ``config`` (raises ConfigError listing every semantic problem)."""
         tables = compile_tables(config, metrics=metrics)
@@ -350,9 +369,8 @@ class Gateway:
         # Certificates renewed on disk count as reloads (a broken renewal is the one to alert
         # on). Every worker polls its own files; worker 0 alone counts, as the master does for
         # SIGHUP reloads, so N workers do not count one renewal N times.
-        count = getattr(self.metrics, "config_reload", None)
-        if self.worker == 0 and callable(count):
-            count("success" if ok else "failure")
+        if self.worker == 0 and self.metrics is not None:
+            self.metrics.config_reload("success" if ok else "failure")
 
     # -- properties -------------------------------------------------------------------------
 
@@ -409,7 +427,7 @@ class Gateway:
         log.info("worker %d: data plane listening on %s:%d%s", self.worker,
                  config.listen.host, self.port, " (TLS)" if self.tls is not None else "")
 
-    async def _start_sources(self, sources: Iterable[Any]) -> None:
+    async def _start_sources(self, sources: Iterable[KeySource]) -> None:
         todo = [s for s in sources if id(s) not in self._started_sources]
         for s in todo:
             self._started_sources.add(id(s))
@@ -443,9 +461,8 @@ class Gateway:
             raise
         if new.replay is not old.replay:
             await new.replay.start()
-        reconfigure = getattr(self.metrics, "reconfigure", None)
-        if callable(reconfigure):
-            reconfigure(routes=[r.name for r in new_config.routes],
+        if self.metrics is not None:
+            self.metrics.reconfigure(routes=[r.name for r in new_config.routes],
                         providers=list(new_config.providers),
                         upstreams=list(new_config.upstreams))
         _track_cache(self.metrics, new)
@@ -521,10 +538,9 @@ class Gateway:
                 await source.stop()
 
 
-def _track_cache(metrics: object | None, tables: Tables) -> None:
-    track = getattr(metrics, "track_cache_entries", None)
-    if callable(track):
-        track(tables.cache.__len__)
+def _track_cache(metrics: GatewayMetrics | None, tables: Tables) -> None:
+    if metrics is not None:
+        metrics.track_cache_entries(tables.cache.__len__)
 
 
 async def _close_unshared(old: Tables, keep: Tables) -> None:

@@ -26,7 +26,7 @@ import contextlib
 import functools
 import hashlib
 import socket
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Self, TypeVar
 
@@ -203,6 +203,35 @@ def dead_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+class MetricsSink:
+    """The control part of :class:`fastgate.app.GatewayMetrics`, doing nothing, for test
+    recorders: ``bind`` returns the recorder itself, so the data plane binds its per-request
+    hooks (``request_done``, ``reject`` ...) from whatever methods a subclass defines."""
+
+    def bind(self, *, routes: Sequence[str], upstreams: Sequence[str],
+             public_routes: Iterable[str] = ()) -> Self:
+        return self
+
+    def reconfigure(self, *, routes: Sequence[str], providers: Sequence[str],
+                    upstreams: Sequence[str], public_routes: Iterable[str] = ()) -> None:
+        return None
+
+    def track_cache_entries(self, fn: Callable[[], int]) -> None:
+        return None
+
+    def config_reload(self, result: str) -> None:
+        return None
+
+    def fetch(self, provider: str, result: str, seconds: float) -> None:
+        return None
+
+    def keys(self, provider: str, count: int) -> None:
+        return None
+
+    def age(self, provider: str, seconds: float) -> None:
+        return None
 
 
 async def start_gateway(config: GatewayConfig, **build_kwargs: Any) -> Gateway:

@@ -41,6 +41,7 @@ from tests.factory import AUDIENCE, ISSUER, SigningKey, default_claims, jwks_of,
 from tests.gateway_fixtures import (
     EchoUpstream,
     Loop,
+    MetricsSink,
     RawResponse,
     dead_port,
     eof_within,
@@ -997,7 +998,7 @@ def test_request_durations_never_below_a_known_minimum(env: Env) -> None:
     """Request and upstream durations use a high-resolution monotonic clock: a request whose
     upstream blocks >= 0.5 ms is never recorded below 0.5 ms (a millisecond-tick clock like
     uvloop's loop.time() records ~half of them as 0)."""
-    class Durations:
+    class Durations(MetricsSink):
         def __init__(self) -> None:
             self.requests: list[float] = []
             self.upstream: list[float] = []
@@ -1106,7 +1107,7 @@ def test_reload_swaps_tables_without_dropping_a_request(env: Env) -> None:
     assert "/new/x" in env.targets()
 
 
-class _Broken:
+class _Broken(MetricsSink):
     """A metrics or access-log sink that fails (a bug, a full disk): the request must still
     be answered, never left hanging."""
 
