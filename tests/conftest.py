@@ -1,28 +1,40 @@
-"""Shared fixtures: keys per algorithm, the token factory and a fixed clock."""
+"""Fixtures every test package shares: a fixed clock, an event loop with an echo upstream,
+and a real redis-server (tests/redis_fixtures.py). Keys per algorithm come from
+tests.factory.key_for; the verifier's parametrized key fixtures live in tests/token/conftest.py."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.factory import NOW, SigningKey, generate
+from tests.factory import ASYMMETRIC_ALGS, HMAC_ALGS, NOW, SigningKey, key_for
+from tests.gateway_fixtures import EchoUpstream, Loop
 
 pytest_plugins = ["tests.redis_fixtures"]  # redis_server / redis: a real redis-server
 
-ASYMMETRIC_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
-                   "ES256", "ES384", "ES512", "EdDSA")
-HMAC_ALGS = ("HS256", "HS384", "HS512")
 
-_KEYS: dict[str, SigningKey] = {}
+@pytest.fixture
+def now() -> float:
+    return NOW
 
 
-def key_for(alg: str) -> SigningKey:
-    """One key per algorithm for the whole session (RSA generation is slow)."""
-    if alg not in _KEYS:
-        _KEYS[alg] = generate(alg)
-    return _KEYS[alg]
+@pytest.fixture
+def loop() -> Iterator[Loop]:
+    """A uvloop event loop of the test's own (gateways and upstreams run on it)."""
+    lp = Loop()
+    yield lp
+    lp.close()
+
+
+@pytest.fixture
+def echo(loop: Loop) -> Iterator[EchoUpstream]:
+    """A real aiohttp upstream that answers with what it received."""
+    up = loop.run(EchoUpstream.start())
+    yield up
+    loop.run(up.stop())
 
 
 @pytest.fixture(params=ASYMMETRIC_ALGS)
@@ -33,21 +45,6 @@ def asym_key(request: pytest.FixtureRequest) -> SigningKey:
 @pytest.fixture(params=HMAC_ALGS)
 def hmac_key(request: pytest.FixtureRequest) -> SigningKey:
     return key_for(request.param)
-
-
-@pytest.fixture
-def rs256() -> SigningKey:
-    return key_for("RS256")
-
-
-@pytest.fixture
-def es256() -> SigningKey:
-    return key_for("ES256")
-
-
-@pytest.fixture
-def now() -> float:
-    return NOW
 
 
 @pytest.fixture(scope="session")

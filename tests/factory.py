@@ -188,3 +188,17 @@ def make_proof(key: SigningKey, *, htm: str, htu: str, token: str | None, iat: f
         body.pop(name, None)
     signing_input = f"{b64u_json(hdr)}.{b64u_json(body)}".encode("ascii")
     return f"{signing_input.decode()}.{b64u(sign(alg or key.alg, key.private, signing_input))}"
+
+
+ASYMMETRIC_ALGS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                   "ES256", "ES384", "ES512", "EdDSA")
+HMAC_ALGS = ("HS256", "HS384", "HS512")
+
+_KEYS: dict[str, SigningKey] = {}
+
+
+def key_for(alg: str) -> SigningKey:
+    """One key per algorithm for the whole session (RSA generation is slow)."""
+    if alg not in _KEYS:
+        _KEYS[alg] = generate(alg)
+    return _KEYS[alg]

@@ -30,9 +30,10 @@ from hypothesis import strategies as st
 
 from fastgate import IssuerSet, KeyReport, Reason, Result, TokenCache, Verifier, verify_jws
 from fastgate.token import _verify
-from tests.conftest import ASYMMETRIC_ALGS, HMAC_ALGS, key_for
 from tests.factory import (
+    ASYMMETRIC_ALGS,
     AUDIENCE,
+    HMAC_ALGS,
     ISSUER,
     NOW,
     SigningKey,
@@ -41,6 +42,7 @@ from tests.factory import (
     default_claims,
     generate,
     jwks_of,
+    key_for,
     make_token,
     public_jwk,
 )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +29,6 @@ from fastgate.config import (
 from fastgate.errors import ConfigError
 from fastgate.token._verify import DpopRule, jwk_thumbprint, normalize_htu
 from fastgate.token.reasons import Reason
-from tests.conftest import key_for
 from tests.factory import (
     AUDIENCE,
     ISSUER,
@@ -39,6 +37,7 @@ from tests.factory import (
     default_claims,
     generate,
     jwks_of,
+    key_for,
     make_proof,
     make_token,
     public_jwk,
@@ -57,20 +56,6 @@ from tests.redis_fixtures import RedisServer
 
 HOST = "gw.test"
 ALGS = ("ES256", "EdDSA", "RS256", "PS256")
-
-
-@pytest.fixture
-def loop() -> Iterator[Loop]:
-    lp = Loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
-def echo(loop: Loop) -> Iterator[EchoUpstream]:
-    up = loop.run(EchoUpstream.start())
-    yield up
-    loop.run(up.stop())
 
 
 @pytest.fixture(scope="module")

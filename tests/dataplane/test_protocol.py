@@ -36,8 +36,7 @@ from fastgate.config import (
     Timeouts,
     UpstreamConfig,
 )
-from tests.conftest import key_for
-from tests.factory import AUDIENCE, ISSUER, SigningKey, default_claims, jwks_of, make_token
+from tests.factory import AUDIENCE, ISSUER, SigningKey, default_claims, jwks_of, key_for, make_token
 from tests.gateway_fixtures import (
     EchoUpstream,
     Loop,

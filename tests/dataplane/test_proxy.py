@@ -46,7 +46,6 @@ from fastgate.config import (
 )
 from fastgate.errors import ConfigError
 from fastgate.token.reasons import Reason
-from tests.conftest import key_for
 from tests.factory import (
     AUDIENCE,
     ISSUER,
@@ -54,6 +53,7 @@ from tests.factory import (
     default_claims,
     generate,
     jwks_of,
+    key_for,
     make_token,
 )
 from tests.gateway_fixtures import (

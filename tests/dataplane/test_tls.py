@@ -18,7 +18,7 @@ import shutil
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -199,20 +199,6 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 # ---------------------------------------------------------------------------------------------
 # Gateway and client helpers
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def loop() -> Iterator[Loop]:
-    lp = Loop()
-    yield lp
-    lp.close()
-
-
-@pytest.fixture
-def echo(loop: Loop) -> Iterator[EchoUpstream]:
-    up = loop.run(EchoUpstream.start())
-    yield up
-    loop.run(up.stop())
 
 
 def tls_config(*certs: Issued | TlsCertificate, **kw: Any) -> TlsConfig:
@@ -1097,8 +1083,7 @@ def _thumbprint(cert_path: Path) -> str:
 
 def _bound_gateway_config(echo: EchoUpstream, pki: Pki, *, bound: bool = True) -> GatewayConfig:
     from fastgate.config import AuthConfig, ProviderConfig
-    from tests.conftest import key_for
-    from tests.factory import AUDIENCE, ISSUER, jwks_of
+    from tests.factory import AUDIENCE, ISSUER, jwks_of, key_for
 
     base = gateway_config(echo.url, tls=tls_config(pki.ecdsa, client_ca=str(pki.ca),
                                                    client_auth="optional"))
@@ -1110,8 +1095,7 @@ def _bound_gateway_config(echo: EchoUpstream, pki: Pki, *, bound: bool = True) -
 
 
 def _bound_token(thumbprint: str | None) -> str:
-    from tests.conftest import key_for
-    from tests.factory import default_claims, make_token
+    from tests.factory import default_claims, key_for, make_token
 
     claims = default_claims(now=time.time())
     if thumbprint is not None:

@@ -30,8 +30,7 @@ from fastgate.config import (
     UpstreamConfig,
 )
 from fastgate.token.reasons import Reason
-from tests.conftest import key_for
-from tests.factory import AUDIENCE, ISSUER, SigningKey, default_claims, jwks_of, make_token
+from tests.factory import AUDIENCE, ISSUER, SigningKey, default_claims, jwks_of, key_for, make_token
 from tests.gateway_fixtures import (
     AppServer,
     Loop,

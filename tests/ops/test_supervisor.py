@@ -31,8 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastgate.token.reasons import REJECT_REASONS
-from tests.conftest import key_for
-from tests.factory import AUDIENCE, ISSUER, default_claims, generate, jwks_of, make_token
+from tests.factory import AUDIENCE, ISSUER, default_claims, generate, jwks_of, key_for, make_token
 from tests.gateway_fixtures import EchoUpstream, Loop, dead_port
 
 REPO = Path(__file__).resolve().parents[2]

@@ -35,8 +35,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastgate import Verifier
-from tests.conftest import ASYMMETRIC_ALGS, HMAC_ALGS, key_for
-from tests.factory import AUDIENCE, ISSUER, SigningKey, b64u, default_claims, sign
+from tests.factory import (
+    ASYMMETRIC_ALGS,
+    AUDIENCE,
+    HMAC_ALGS,
+    ISSUER,
+    SigningKey,
+    b64u,
+    default_claims,
+    key_for,
+    sign,
+)
 
 LEEWAY = 60
 ALGS = ASYMMETRIC_ALGS + HMAC_ALGS
