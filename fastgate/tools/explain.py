@@ -24,6 +24,10 @@ request path; this module only adds the words around the decision:
 
 API keys are a second credential of the request, not of the token: for a route that
 requires one, the explanation says so and names the claim it would be bound to.
+
+Layout: the decision is made here; the explanation it returns (and its text and JSON forms)
+is ``fastgate.tools.explanation``'s, loading and describing the keys
+``fastgate.tools.explain_keys``'s; the public names of both are re-exported.
 """
 
 from __future__ import annotations
@@ -33,28 +37,22 @@ import base64
 import binascii
 import contextlib
 import dataclasses
-import datetime as dt
-import hashlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from fastgate.auth.policy import Policy, is_missing, lookup, token_scopes
 from fastgate.config import AuthConfig, ClaimRule, GatewayConfig, ProviderConfig, RouteConfig
-from fastgate.keys.jwks import KeySourceBase
-from fastgate.token._verify import Result, verify_jws
+from fastgate.token._verify import Result
 from fastgate.token.reasons import Reason
+from fastgate.tools.explain_keys import MAX_FETCH_WAIT as MAX_FETCH_WAIT
+from fastgate.tools.explain_keys import _key_info, _kids, _load_keys, thumbprint
+from fastgate.tools.explanation import Explanation, KeyInfo, _iso, _relative, _short, _span
 
 __all__ = ["ExplainError", "Explanation", "KeyInfo", "explain", "explain_async", "select_route",
            "thumbprint"]
-
-#: Longest wait for a remote key source's first fetch (its own ``jwks_cache.timeout`` bounds
-#: each attempt; this bounds the whole wait when the configured timeout is larger).
-MAX_FETCH_WAIT = 30.0
 
 # Verifier details (Result.detail) of the claim checks, which run only after the signature
 # verified (fastgate/token/_verify.pyx step 11): with one of these the claims are the issuer's.
@@ -62,161 +60,13 @@ _CLAIM_CHECK_DETAILS = frozenset({
     "exp type", "nbf type", "iat type", "sub type", "jti type", "aud type",
     "exp", "nbf", "iat", "aud", "required claim", "max lifetime", "max lifetime needs exp",
 })
-_POLICY_REASONS = frozenset({Reason.INSUFFICIENT_SCOPE, Reason.CLAIM_MISMATCH})
 
 _OPAQUE_HINT = ("not a JWT: an opaque access token? configure the IdP for JWT access tokens "
                 "(docs/identity-providers.md, \"Generic or self-hosted OpenID Connect\")")
 
-# RFC 7638 §3.2: the required members of each key type, in lexicographic order.
-_THUMBPRINT_MEMBERS = {
-    "RSA": ("e", "kty", "n"),
-    "EC": ("crv", "kty", "x", "y"),
-    "OKP": ("crv", "kty", "x"),
-    "oct": ("k", "kty"),
-}
-
 
 class ExplainError(ValueError):
     """The question cannot be asked: unknown route, a route without token auth, ..."""
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    """The provider's key that decided (or was tried)."""
-
-    provider: str
-    kid: str | None
-    alg: str | None
-    kty: str | None = None
-    thumbprint: str | None = None  # RFC 7638, SHA-256, base64url
-    source: str | None = None  # discovery | jwks_uri | jwks_file | jwks | secret
-    location: str | None = None  # URL or file of the key set
-
-
-@dataclass
-class Explanation:
-    """What the gateway decides about a token on a route, and why."""
-
-    route: str
-    ok: bool
-    reason: Reason
-    status: int
-    check: str  # the check that decided: the verifier's detail or the policy rule
-    message: str  # one sentence for a human
-    www_authenticate: str | None = None
-    provider: str | None = None
-    issuer: str | None = None  # the token's iss as read
-    key: KeyInfo | None = None
-    header: dict[str, Any] | None = None
-    typ: Any = None  # the header's typ as found (None: absent); RFC 7515 §4.1.9
-    allowed_typ: tuple[str, ...] | None = None  # the provider's typ list (None: not checked)
-    claims: dict[str, Any] | None = None
-    claims_verified: bool = False  # the signature verified: the claims are the issuer's
-    now: float = 0.0
-    clock_skew: float | None = None
-    max_lifetime: float | None = None  # the provider's limit (None: not checked)
-    lifetime: float | None = None  # exp - iat (or exp - now), when max_lifetime decided
-    lifetime_from: str | None = None  # "iat" or "now": what `lifetime` was measured from
-    times: dict[str, float] = field(default_factory=dict)  # exp / nbf / iat as found
-    claim_headers: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def decision(self) -> str:
-        return "accepted" if self.ok else "rejected"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready view (``fastgate verify --json``)."""
-        times: dict[str, Any] = {}
-        for name, value in self.times.items():
-            times[name] = {"value": value, "utc": _iso(value),
-                           "seconds_from_now": round(value - self.now, 3)}
-        return {
-            "decision": self.decision,
-            "ok": self.ok,
-            "reason": self.reason.label,
-            "status": self.status,
-            "check": self.check,
-            "message": self.message,
-            "www_authenticate": self.www_authenticate,
-            "route": self.route,
-            "provider": self.provider,
-            "issuer": self.issuer,
-            "key": dataclasses.asdict(self.key) if self.key is not None else None,
-            "header": self.header,
-            "typ": {"value": self.typ,
-                    "allowed": list(self.allowed_typ) if self.allowed_typ is not None else None},
-            "claims": self.claims,
-            "claims_verified": self.claims_verified,
-            "time": {"now": self.now, "now_utc": _iso(self.now),
-                     "clock_skew": self.clock_skew, "max_lifetime": self.max_lifetime,
-                     **({"lifetime": {"seconds": self.lifetime, "from": self.lifetime_from}}
-                        if self.lifetime is not None else {}),
-                     **times},
-            "claim_headers": dict(self.claim_headers),
-            "notes": list(self.notes),
-        }
-
-    def render(self) -> str:
-        """The human-readable explanation."""
-        lines: list[str] = []
-        verdict = "ACCEPTED" if self.ok else "REJECTED"
-        lines.append(f"{verdict} on route {self.route!r}: {self.status} {self.reason.label}")
-        lines.append(f"  check:     {self.check}")
-        lines.append(f"  why:       {self.message}")
-        if self.www_authenticate:
-            lines.append(f"  response:  WWW-Authenticate: {self.www_authenticate}")
-        if self.provider is not None:
-            lines.append(f"  provider:  {self.provider}")
-        if self.issuer is not None:
-            lines.append(f"  issuer:    {self.issuer}")
-        if self.key is not None:
-            k = self.key
-            parts = [f"kid={k.kid}" if k.kid is not None else "no kid",
-                     f"alg={k.alg}"]
-            if k.kty:
-                parts.append(f"kty={k.kty}")
-            if k.thumbprint:
-                parts.append(f"thumbprint={k.thumbprint}")
-            lines.append(f"  key:       {', '.join(parts)}")
-            if k.source:
-                kind = {"jwks": "inline jwks", "secret": "shared secret"}.get(k.source, k.source)
-                where = f" {k.location}" if k.location else ""
-                lines.append(f"  key set:   {kind}{where}")
-        if self.times:
-            skew = f" (clock skew {self.clock_skew:g}s)" if self.clock_skew is not None else ""
-            lines.append(f"  now:       {_iso(self.now)}{skew}")
-            for name in ("exp", "nbf", "iat"):
-                if name in self.times:
-                    value = self.times[name]
-                    lines.append(f"  {name}:       {_iso(value)} ({_relative(value - self.now)})")
-            if self.lifetime is not None and self.max_lifetime is not None:
-                lines.append(f"  lifetime:  exp - {self.lifetime_from} = {_span(self.lifetime)}"
-                             f" (max_lifetime {_span(self.max_lifetime)})")
-        if self.header is not None:
-            shown = _short(self.typ) if "typ" in self.header else "(none)"
-            if self.allowed_typ is not None:
-                shown += f" (allowed: {', '.join(self.allowed_typ)})"
-            else:
-                shown += " (not checked: the provider lists no typ)"
-            lines.append(f"  typ:       {shown}")
-            lines.append("  header:    " + orjson.dumps(self.header).decode())
-        if self.claims is not None:
-            if self.ok or (self.claims_verified and self.reason in _POLICY_REASONS):
-                label = "claims:"
-            elif self.claims_verified:
-                label = f"claims (signature verified; rejected by the {self.check} check):"
-            else:
-                label = "claims (UNVERIFIED):"
-            lines.append(f"  {label}")
-            body = orjson.dumps(self.claims, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
-            lines.extend("    " + line for line in body.decode().splitlines())
-        if self.claim_headers:
-            lines.append("  the upstream would receive:")
-            lines.extend(f"    {name}: {value}" for name, value in self.claim_headers)
-        for note in self.notes:
-            lines.append(f"  note: {note}")
-        return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,108 +145,6 @@ def select_route(config: GatewayConfig, token: str, name: str | None) -> RouteCo
                 if provider is not None and provider.issuer == iss:
                     return rcfg
     return with_jwt[0]
-
-
-# ---------------------------------------------------------------------------------------------
-# Keys
-# ---------------------------------------------------------------------------------------------
-
-
-async def _load_keys(config: GatewayConfig, sources: Mapping[str, Any],
-                     notes: list[str]) -> list[Any]:
-    """Start the route's key sources; wait for each remote one's first fetch to finish."""
-    started: list[Any] = []
-    for name, source in sources.items():
-        try:
-            await source.start()
-        except Exception as exc:  # KeySourceError: a bad jwks_file, no usable static key
-            notes.append(f"provider {name}: keys could not be loaded: {exc}")
-            continue
-        started.append(source)
-    waits = []
-    for name, source in sources.items():
-        if source in started and not source.ready:
-            timeout = min(MAX_FETCH_WAIT, config.providers[name].jwks_cache.timeout + 1.0)
-            waits.append(_first_fetch(source, timeout))
-    if waits:
-        await asyncio.gather(*waits)
-    for name, source in sources.items():
-        if not source.ready:
-            state = getattr(source, "state", None)
-            error = getattr(state, "last_error", None)
-            where = getattr(state, "location", None)
-            if error:
-                notes.append(f"provider {name}: no usable keys from {where}: {error}")
-    return started
-
-
-async def _first_fetch(source: Any, timeout: float) -> None:
-    """Until the source has keys or its first fetch attempt ended (success or not)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not source.ready and loop.time() < deadline:
-        state = getattr(source, "state", None)
-        if state is not None and state.fetches > 0:
-            return
-        await asyncio.sleep(0.02)
-
-
-def _key_document(provider: ProviderConfig, source: Any) -> list[dict[str, Any]]:
-    """The JWKS ``keys`` in use, to describe the key that decided (best effort)."""
-    keys: Any = None
-    if provider.key_source == "jwks" and provider.jwks is not None:
-        keys = provider.jwks.get("keys")
-    elif provider.key_source == "jwks_file" and provider.jwks_file:
-        with contextlib.suppress(OSError, orjson.JSONDecodeError, AttributeError):
-            keys = orjson.loads(Path(provider.jwks_file).read_bytes()).get("keys")
-    elif isinstance(source, KeySourceBase):
-        # Remote sources keep the last applied document's keys.
-        keys = source.applied_keys
-    if not isinstance(keys, list | tuple):
-        return []
-    return [k for k in keys if isinstance(k, dict)]
-
-
-def thumbprint(jwk: Mapping[str, Any]) -> str | None:
-    """RFC 7638 JWK thumbprint (SHA-256, base64url), or None for an unknown kty."""
-    members = _THUMBPRINT_MEMBERS.get(str(jwk.get("kty")))
-    if members is None or any(not isinstance(jwk.get(m), str) for m in members):
-        return None
-    canonical = orjson.dumps({m: jwk[m] for m in members}, option=orjson.OPT_SORT_KEYS)
-    digest = hashlib.sha256(canonical).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
-def _key_info(provider: ProviderConfig, source: Any, result: Result,
-              token: str) -> KeyInfo:
-    kid, alg = result.kid, result.alg
-    kty: str | None = None
-    print_: str | None = None
-    if provider.key_source == "secret":
-        kty = "oct"
-    else:
-        keys = _key_document(provider, source)
-        match: dict[str, Any] | None = None
-        if kid is not None:
-            same = [k for k in keys if k.get("kid") == kid]
-            match = same[0] if len(same) == 1 else None
-        elif result.ok and alg is not None:
-            # No kid: the verifier tried the keys that fit the alg; find the one that verifies.
-            for k in keys:
-                with contextlib.suppress(ValueError):
-                    if verify_jws(token, k, [alg]) is Reason.OK:
-                        match = k
-                        break
-        if match is not None:
-            kty = str(match.get("kty")) if match.get("kty") is not None else None
-            print_ = thumbprint(match)
-    state = getattr(source, "state", None)
-    return KeyInfo(provider=provider.name, kid=kid, alg=alg, kty=kty, thumbprint=print_,
-                   source=provider.key_source, location=getattr(state, "location", None))
-
-
-def _kids(provider: ProviderConfig, source: Any) -> list[str]:
-    return [str(k["kid"]) for k in _key_document(provider, source) if "kid" in k]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,44 +428,5 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _iso(ts: float) -> str:
-    try:
-        moment = dt.datetime.fromtimestamp(ts, dt.UTC)
-    except (OverflowError, OSError, ValueError):
-        return f"{ts:g} (out of range)"
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _relative(seconds: float) -> str:
-    text = _span(abs(seconds))
-    if abs(seconds) < 0.5:
-        return "now"
-    return f"in {text}" if seconds > 0 else f"{text} ago"
-
-
-def _span(seconds: float) -> str:
-    s = round(seconds)
-    days, s = divmod(s, 86400)
-    hours, s = divmod(s, 3600)
-    minutes, s = divmod(s, 60)
-    parts = [f"{days}d"] if days else []
-    if hours or days:
-        parts.append(f"{hours}h")
-    if (minutes or hours or days) and not days:
-        parts.append(f"{minutes}m")
-    if not days and not hours:
-        parts.append(f"{s}s")
-    return " ".join(parts)
-
-
-def _short(value: object, limit: int = 120) -> str:
-    try:
-        text = orjson.dumps(value).decode()
-    except TypeError:
-        text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _path_text(rule: ClaimRule) -> str:
     return ".".join(f'["{p}"]' if "." in p else p for p in rule.path)
-

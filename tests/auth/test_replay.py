@@ -1,8 +1,9 @@
-"""fastgate.auth.replay: the memory store (injected clock) and the redis store against a real
-redis-server (tests/redis_fixtures.py): two stores as two workers, PX expiry, nonces, key
-prefixes, AUTH/SELECT, unix sockets, TLS, redis stopped/paused/restarted mid-run, 1,000
-pipelined checks on one connection, error replies and undecodable streams; metrics. An
-unknown nonce stores nothing (both stores); the nonce script's NOSCRIPT -> EVAL fallback."""
+"""fastgate.auth.replay (with replay_redis and redis_resp): the memory store (injected clock)
+and the redis store against a real redis-server (tests/redis_fixtures.py): two stores as two
+workers, PX expiry, nonces, key prefixes, AUTH/SELECT, unix sockets, TLS, redis
+stopped/paused/restarted mid-run, 1,000 pipelined checks on one connection, error replies and
+undecodable streams; metrics. An unknown nonce stores nothing (both stores); the nonce
+script's NOSCRIPT -> EVAL fallback."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import pytest
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from fastgate.auth import replay
+from fastgate.auth import redis_resp, replay, replay_codes, replay_redis
 from fastgate.auth.replay import (
     FRESH,
     NONCE_UNKNOWN,
@@ -337,10 +338,10 @@ def test_parse_redis_url() -> None:
 def test_commands_are_bulk_strings() -> None:
     assert replay.encode_command(b"SET", b"a\r\nb c", b"1") == (
         b"*3\r\n$3\r\nSET\r\n$6\r\na\r\nb c\r\n$1\r\n1\r\n")  # fmt: skip
-    assert replay._millis(0.3) == b"300"  # not 301 (0.3 * 1000 = 300.00000000000006)
-    assert replay._millis(0.0301) == b"31"  # rounded up
-    assert replay._millis(0.0) == b"1"
-    assert replay._millis(float("inf")) == b"%d" % (replay._MAX_TTL * 1000)
+    assert redis_resp._millis(0.3) == b"300"  # not 301 (0.3 * 1000 = 300.00000000000006)
+    assert redis_resp._millis(0.0301) == b"31"  # rounded up
+    assert redis_resp._millis(0.0) == b"1"
+    assert redis_resp._millis(float("inf")) == b"%d" % (replay_codes._MAX_TTL * 1000)
 
 
 # -- redis: answers --------------------------------------------------------------------------------
@@ -472,7 +473,7 @@ async def test_redis_noscript_falls_back_to_eval_and_loads_again(redis: RedisSer
     store = redis_store(redis.url, metrics=rec)
     await store.start()
     try:
-        sha = replay._SCRIPT_SHA
+        sha = replay_redis._SCRIPT_SHA
         assert redis.call("SCRIPT", "EXISTS", sha) == [1]  # loaded by the set-up
         store.add_nonce(b"n", 60.0)
         assert await check(store, [(key("a"), 60.0)], b"n") == FRESH
@@ -846,7 +847,7 @@ class FakeRedis:
         with contextlib.suppress(ConnectionError):
             first = await reader.read(65536)
             assert b"PING" in first and b"SCRIPT" in first
-            writer.write(b"+PONG\r\n$40\r\n%b\r\n" % replay._SCRIPT_SHA)
+            writer.write(b"+PONG\r\n$40\r\n%b\r\n" % replay_redis._SCRIPT_SHA)
             while data := await reader.read(65536):
                 writer.write(self.reply(data))
         writer.close()
