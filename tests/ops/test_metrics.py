@@ -40,8 +40,8 @@ from fastgate.ops.metrics import (
 from fastgate.token.reasons import REJECT_REASONS, Reason
 
 # SPEC §7 (+ fastgate_config_reloads_total from the operations issue and the replay store's
-# three from issue 11), written out here on purpose: a rename in metrics.py must fail this
-# test, not follow it.
+# three from issue 11), written out here on purpose: a rename in metricfamilies.py must fail
+# this test, not follow it.
 SPEC: dict[str, tuple[str, frozenset[str]]] = {
     "fastgate_requests_total": ("counter", frozenset({"route", "status_class"})),
     "fastgate_request_duration_seconds": ("histogram", frozenset({"route"})),
@@ -807,7 +807,8 @@ def test_prometheus_client_internals_fastgate_relies_on() -> None:
     a Histogram child's per-bucket ``_buckets`` values and ``_sum`` (to add many observations
     at once), and ``values.ValueClass`` / ``MultiProcessValue`` (to switch to multi-process
     mode after import). pyproject.toml caps prometheus-client below the next minor release;
-    if this test fails after raising the cap, adapt fastgate/ops/metrics.py first."""
+    if this test fails after raising the cap, adapt fastgate/ops/metricrows.py (_Histo)
+    and fastgate/ops/multiprocmetrics.py (setup_multiprocess) first."""
     from prometheus_client import CollectorRegistry, Histogram
     from prometheus_client import values as pc_values
 
