@@ -5,7 +5,8 @@
 Each method adds to plain lists that ``Metrics.flush`` exports to prometheus-client once a
 second and on scrape (docs/operations.md); compiled so that the five calls a request makes
 cost C calls instead of Python frames. The bucket bounds, status-class and error-kind slots
-are given once by :func:`configure` (fastgate.ops.metrics owns their values).
+are given once by :func:`configure` (fastgate.ops.metricfamilies owns their values,
+fastgate.ops.metricbinding makes the call).
 """
 
 cdef double LAT[64]
