@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.factory import ASYMMETRIC_ALGS, HMAC_ALGS, NOW, SigningKey, key_for
+from tests.factory import NOW
 from tests.gateway_fixtures import EchoUpstream, Loop
 
 pytest_plugins = ["tests.redis_fixtures"]  # redis_server / redis: a real redis-server
@@ -35,16 +35,6 @@ def echo(loop: Loop) -> Iterator[EchoUpstream]:
     up = loop.run(EchoUpstream.start())
     yield up
     loop.run(up.stop())
-
-
-@pytest.fixture(params=ASYMMETRIC_ALGS)
-def asym_key(request: pytest.FixtureRequest) -> SigningKey:
-    return key_for(request.param)
-
-
-@pytest.fixture(params=HMAC_ALGS)
-def hmac_key(request: pytest.FixtureRequest) -> SigningKey:
-    return key_for(request.param)
 
 
 @pytest.fixture(scope="session")
