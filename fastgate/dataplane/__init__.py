@@ -2,8 +2,9 @@
 
 Owns: the compiled protocol and relay (`_http.pyx`, with flow control in `_flow.pyx` and the
 route table in `_routes.pyx`), the per-route runtime built from the config (`proxy`), the
-upstream connection pool (`upstream`), and the TLS contexts of the listener and upstreams
-(`tls`).
+upstream side (`upstream`, re-exporting the pool `upstream_pool`, one connection
+`upstream_conn`, the response `upstream_response`, TLS to upstreams `upstream_tls` and the
+errors `upstream_errors`), and the TLS contexts of the listener and upstreams (`tls`).
 May import: `fastgate.auth`, `fastgate.keys`, `fastgate.config`, `fastgate.token`, the leaf
 modules.
 """

@@ -396,41 +396,38 @@ async def test_content_length_response() -> None:
 
 
 @uv
-async def test_close_delimited_http10_response() -> None:
-    reply = replies(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello ", 0.05,
-                    b"world")
-    async with raw_pool(reply) as (pool, conns):
-        for _ in range(2):
-            resp, data = await fetch(pool)
-            assert resp.status == 200 and data == b"hello world"
-            assert resp.content_length is None
-        assert len(conns) == 2  # RFC 9112 §9.3: HTTP/1.0 without keep-alive: not reused
-        await asyncio.sleep(0.01)
-        assert pool.open_connections == 0
-
-
-@uv
-async def test_connection_close_is_honoured() -> None:
-    # The server lingers after its response: the pool must not wait for EOF.
-    reply = replies(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok", 0.5)
-    async with raw_pool(reply) as (pool, conns):
-        for _ in range(2):
-            resp, data = await fetch(pool)
-            assert data == b"ok" and resp.body_complete == b"ok"
-            assert pool.open_connections == 0  # RFC 9112 §9.6: not reused after "close"
-        assert len(conns) == 2
-
-
-@uv
-async def test_http10_keep_alive_is_reused() -> None:
-    reply = replies(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\nok",
-                    keep_alive=True)
+@pytest.mark.parametrize(("reply", "body", "content_length", "reused"), [
+    # RFC 9112 §6.3 rule 8: no framing, the body ends at EOF; RFC 9112 §9.3: HTTP/1.0 without
+    # keep-alive is not reused.
+    pytest.param(replies(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nhello ", 0.05,
+                         b"world"),
+                 b"hello world", None, False, id="http10-close-delimited"),
+    # RFC 9112 §9.6: not reused after "close". The server lingers after its response: the
+    # pool must not wait for EOF.
+    pytest.param(replies(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
+                         0.5),
+                 b"ok", 2, False, id="connection-close"),
+    pytest.param(replies(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n"
+                         b"\r\nok", keep_alive=True),
+                 b"ok", 2, True, id="http10-keep-alive"),
+])
+async def test_response_decides_whether_the_connection_is_reused(
+        reply: Handler, body: bytes, content_length: int | None, reused: bool) -> None:
+    """HTTP version, ``Connection`` and framing of the response decide reuse (RFC 9112 §9.3);
+    the ``Connection`` field itself is hop-by-hop and never handed on."""
     async with raw_pool(reply) as (pool, conns):
         for _ in range(3):
             resp, data = await fetch(pool)
-            assert data == b"ok"
-            assert ("Connection", "keep-alive") not in resp.headers
-        assert len(conns) == 1
+            assert resp.status == 200 and data == body
+            assert resp.content_length == content_length
+            if content_length is not None:
+                assert resp.body_complete == body
+            assert all(name.lower() != "connection" for name, _ in resp.headers)
+            if not reused:
+                assert pool.open_connections == 0
+        assert len(conns) == (1 if reused else 3)
+        await asyncio.sleep(0.01)
+        assert pool.open_connections == (1 if reused else 0)
 
 
 @uv
@@ -846,15 +843,28 @@ async def test_closed_pool_refuses() -> None:
         assert (await request_error(pool)).status == 502
 
 
-def test_rejects_non_http_urls() -> None:
-    with pytest.raises(ValueError, match="only http:// and https://"):
-        UpstreamPool(UpstreamConfig(name="x", url="ftp://127.0.0.1:1"))
-    pool = UpstreamPool(UpstreamConfig(name="x", url="http://[::1]:8080/api/"))
-    assert pool._host_line == "Host: [::1]:8080\r\n" and pool._base == "/api"
-    # RFC 9110 §4.2.2: https's default port is 443 and is left out of Host
+@pytest.mark.parametrize(("url", "match"), [
+    ("ftp://127.0.0.1:1", "only http:// and https://"),
+    ("http:///api", "URL has no host"),
+    ("http://127.0.0.1:1/api?x=1", "must not have a query or fragment"),
+    ("http://127.0.0.1:1/api#top", "must not have a query or fragment"),
+])
+def test_rejects_unusable_urls(url: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        UpstreamPool(UpstreamConfig(name="x", url=url))
+
+
+@pytest.mark.parametrize(("url", "host_line", "base"), [
+    ("http://[::1]:8080/api/", "Host: [::1]:8080\r\n", "/api"),  # IPv6 keeps its brackets
+    # RFC 9110 §4.2.1/§4.2.2: the scheme's default port (80, 443) is left out of Host
     # (tests/dataplane/test_tls.py covers https upstreams end to end).
-    tls_pool = UpstreamPool(UpstreamConfig(name="x", url="https://api.example.com:443"))
-    assert tls_pool._host_line == "Host: api.example.com\r\n"
+    ("http://api.example.com:80", "Host: api.example.com\r\n", ""),
+    ("https://api.example.com:443", "Host: api.example.com\r\n", ""),
+    ("https://api.example.com:8443/v1", "Host: api.example.com:8443\r\n", "/v1"),
+])
+def test_host_line_and_base_path_from_the_url(url: str, host_line: str, base: str) -> None:
+    pool = UpstreamPool(UpstreamConfig(name="x", url=url))
+    assert pool._host_line == host_line and pool._base == base
 
 
 def test_also_runs_on_the_default_asyncio_loop() -> None:
