@@ -178,8 +178,8 @@ cdef enum:
     X_SENDING = 1  # head written upstream; body relayed as it arrives
     X_DONE = 2
 
-# Upstream connection phases (the same values as fastgate.dataplane.upstream's _IDLE.._DONE: the pool
-# reads ``phase``).
+# Upstream connection phases (the same values as fastgate.dataplane.upstream_conn's
+# _IDLE.._DONE: the pool reads ``phase``).
 cdef enum:
     P_IDLE = 0
     P_HEAD = 1

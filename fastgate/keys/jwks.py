@@ -362,7 +362,7 @@ def build_key_source(
     ``session`` (shared, owned by the caller) or ``session_factory`` (called lazily inside the
     running loop; the source closes what it made) configure the HTTP client; by default each
     remote source makes its own small session. ``log`` is accepted for interface stability;
-    messages always go to the ``fastgate.keys.jwks`` logger.
+    messages always go to the ``fastgate.jwks`` logger.
     """
     del log
     kind = provider.key_source
