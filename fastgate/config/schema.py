@@ -7,9 +7,10 @@ An editor with the YAML language server validates and completes ``gateway.yaml``
 The loader (fastgate.config.loader and the section walkers) stays the authority: it reports
 every error at once with its path and a "did you mean", checks what a schema cannot (files
 readable, certificates matching their keys, provider names a route refers to) and builds the
-frozen model. The schema mirrors its key sets and defaults — defaults are read from the config dataclasses, and
-tests/config/test_schema.py proves both ways that every key the loader accepts is here and nothing
-else is, and that every shipped example and documented snippet validates.
+frozen model. The schema mirrors its key sets and defaults — defaults are read from the
+config dataclasses, and tests/config/test_schema.py proves both ways that every key the loader
+accepts is here and nothing else is, and that every shipped example and documented snippet
+validates.
 
 Strings may carry ``${NAME}`` (SPEC §2); a number or boolean written as ``${NAME}`` is accepted
 where the loader accepts it.
