@@ -1,6 +1,7 @@
-"""The redis wire: the ``replay_store.redis.url`` address, RESP2 encoding, one connection.
+"""The redis wire: RESP2 encoding and one connection (the address it connects to is
+:func:`fastgate.config.redisurl.parse_redis_url`'s, re-exported here).
 
-Owns :func:`parse_redis_url` (:class:`RedisAddress`), :func:`encode_command` and the pieces the
+Owns :func:`encode_command` and the pieces the
 store's hot path joins (``SET NX PX``, the ttl in ms), and :class:`_Connection`: an asyncio
 protocol that writes pipelined commands, decodes RESP2 replies (simple strings, integers,
 bulk strings, errors; nothing else is asked for) and hands each to the oldest pending entry
@@ -14,9 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from dataclasses import dataclass
 from typing import Final, Protocol, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 from fastgate.auth.replay_codes import (
     ERR_CONNECTION,
@@ -28,87 +27,10 @@ from fastgate.auth.replay_codes import (
     Done,
     _ttl,
 )
+from fastgate.config.redisurl import RedisAddress as RedisAddress
+from fastgate.config.redisurl import parse_redis_url as parse_redis_url
 
 __all__ = ["RedisAddress", "encode_command", "parse_redis_url"]
-
-
-# -- redis: address ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class RedisAddress:
-    """A parsed ``replay_store.redis.url``."""
-
-    host: str | None  # None for a unix socket
-    port: int
-    path: str | None  # the unix socket path
-    tls: bool
-    username: str | None
-    password: str | None
-    db: int
-
-    def __str__(self) -> str:
-        """For logs: never the password."""
-        if self.path is not None:
-            where = f"unix://{self.path}"
-        else:
-            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
-            where = f"{'rediss' if self.tls else 'redis'}://{host}:{self.port}"
-        return f"{where}/{self.db}" if self.path is None else f"{where}?db={self.db}"
-
-
-def parse_redis_url(url: str) -> RedisAddress:
-    """``redis://[[user]:password@]host[:port][/db]``, ``rediss://...`` (TLS, verified with
-    the system CAs) or ``unix://[[user]:password@]/path.sock[?db=N]``; ValueError if not.
-
-    User and password are percent-decoded. A user needs a password (Redis 6 ACL ``AUTH user
-    pass``); a password alone is ``AUTH pass``.
-    """
-    if not isinstance(url, str):
-        raise ValueError(f"replay_store.redis.url must be a string, got {type(url).__name__}")
-    parts = urlsplit(url)
-    scheme = parts.scheme.lower()
-    if scheme not in ("redis", "rediss", "unix"):
-        # (never the URL itself in a message: it may hold the password)
-        raise ValueError(f"replay_store.redis.url: scheme must be redis, rediss or unix, "
-                         f"not {scheme!r}")  # fmt: skip
-    if parts.fragment:
-        raise ValueError("replay_store.redis.url: a fragment is not allowed")
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    if username is not None and password is None:
-        raise ValueError("replay_store.redis.url: a user needs a password (user:password@)")
-    db = 0
-    if scheme == "unix":
-        if parts.hostname or parts.port is not None:
-            raise ValueError("replay_store.redis.url: unix:///path.sock has no host or port")
-        if not parts.path.startswith("/"):
-            raise ValueError("replay_store.redis.url: unix socket path must be absolute")
-        for name, val in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-            if name != "db":
-                raise ValueError(f"replay_store.redis.url: unknown parameter {name!r}")
-            db = _db_number(val)
-        return RedisAddress(None, 0, unquote(parts.path), False, username, password, db)
-    if parts.query:
-        raise ValueError("replay_store.redis.url: query parameters are not supported "
-                         "(the database goes in the path: redis://host:6379/1)")  # fmt: skip
-    host = parts.hostname
-    if not host:
-        raise ValueError("replay_store.redis.url: no host")
-    try:
-        port = parts.port if parts.port is not None else 6379
-    except ValueError as exc:
-        raise ValueError(f"replay_store.redis.url: bad port: {exc}") from None
-    path = parts.path
-    if path not in ("", "/"):
-        db = _db_number(path[1:])
-    return RedisAddress(host, port, None, scheme == "rediss", username, password, db)
-
-
-def _db_number(text: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise ValueError(f"replay_store.redis.url: database must be a number, got {text!r}")
-    return int(text)
 
 
 # -- redis: wire ---------------------------------------------------------------------------------

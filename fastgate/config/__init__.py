@@ -11,12 +11,13 @@ walker that validates a raw mapping key by key and builds the model -- its core,
 collector with ``${NAME}`` substitution and typed getters (`collector`), the readers of each
 section (`transport`: listen, upstreams, TLS; `providers`: providers, key sources, API keys;
 `routes`: routes and their auth options), and the top level that composes them (`walker`); the
-entry points and error placement (`loader`); the certificate file checks (`certs`) and the
-JSON Schema (`schema`). Every name other modules use is re-exported here: import it from
-`fastgate.config`. Within the package the imports run one way: model <- syntax <- collector <-
-transport, providers <- routes <- walker <- loader.
+entry points and error placement (`loader`); the Redis URL syntax (`redisurl`, which the replay
+store connects by), the certificate file checks (`certs`) and the JSON Schema (`schema`).
+Every name other modules use is re-exported here: import it from `fastgate.config`. Within
+the package the imports run one way: model <- syntax <- collector <- transport, providers <-
+routes <- walker <- loader (redisurl and certs are leaves).
 May import: `fastgate.errors`, `fastgate.httpfields`; lazily `fastgate.token._verify` (the
-supported algorithms) and `fastgate.auth.replay` (the Redis URL parser).
+supported algorithms). Nothing above it: `fastgate.auth` imports the Redis URL rule from here.
 """
 
 from __future__ import annotations

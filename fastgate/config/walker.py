@@ -4,8 +4,8 @@
 `transport`, `providers` and `routes` mixed in, plus what is read at the top level itself:
 the root mapping (`gateway`: its keys, limits, timeouts, cache and the order the sections are
 walked in), ``replay_store``, ``tracing`` (with ``otel``) and ``access_log``.
-May import: `fastgate.config.model`, `.syntax`, `.collector`, the section modules;
-`fastgate.auth.replay` lazily (the Redis store's own URL parser).
+May import: `fastgate.config.model`, `.syntax`, `.collector`, `.redisurl`, the section
+modules.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from fastgate.config.model import (
     _field_names,
     uses_replay_store,
 )
+from fastgate.config.redisurl import parse_redis_url
 from fastgate.config.routes import RouteSections
 from fastgate.config.syntax import _header_key, _key_path
 from fastgate.config.transport import TransportSections
@@ -152,8 +153,6 @@ class _Walker(TransportSections, RouteSections):
             return None
         d = RedisStoreConfig("")
         url = self.opt(m, "url", path, "", self.string)
-        from fastgate.auth.replay import parse_redis_url  # the store's own parser: one rule
-
         try:
             if url:
                 parse_redis_url(url)
