@@ -42,7 +42,7 @@ from fastgate.ops.metrics import (
     mark_process_dead,
     setup_multiprocess,
 )
-from fastgate.ops.reload import _log_reload_errors, _read_config
+from fastgate.ops.reload import _log_reload_errors, reread
 from fastgate.ops.resources import _private_dir, _reserve
 from fastgate.ops.signals import (
     _install_stop_handlers,
@@ -447,17 +447,13 @@ class _Master:
         metrics = self.metrics
         assert loop is not None and metrics is not None
         source = self.config.source
-        if source is None:
-            log.warning("SIGHUP: the config was not read from a file; nothing to reload")
-            return
-        log.info("SIGHUP: reloading %s", source)
         try:
-            new = await loop.run_in_executor(
-                None, lambda: _read_config(source, self.configured, self.config,
-                                           compile_check=True))
+            new = await reread(loop, self.config, self.configured, compile_check=True)
         except ConfigError as exc:
             _log_reload_errors(source, exc.errors)
             metrics.config_reload("failure")
+            return
+        if new is None:
             return
         generation = self.generation + 1
         # New or changed remote providers start fetching here, before the workers switch

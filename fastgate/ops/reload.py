@@ -10,6 +10,7 @@ May import: ``fastgate.app`` (the compiler), ``fastgate.config``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from dataclasses import replace
@@ -57,3 +58,18 @@ def _read_config(source: str, configured: GatewayConfig, running: GatewayConfig,
     if compile_check:
         compile_tables(new)
     return new
+
+
+async def reread(loop: asyncio.AbstractEventLoop, running: GatewayConfig,
+                 configured: GatewayConfig, *, compile_check: bool) -> GatewayConfig | None:
+    """A SIGHUP's first step in both process models: ``running.source`` read again (see
+    :func:`_read_config`) in the loop's executor, so YAML parsing and the dry run never stall
+    the event loop. None: the config came from no file, nothing to reload (logged).
+    Raises ConfigError with every problem."""
+    source = running.source
+    if source is None:
+        log.warning("SIGHUP: the config was not read from a file; nothing to reload")
+        return None
+    log.info("SIGHUP: reloading %s", source)
+    return await loop.run_in_executor(
+        None, lambda: _read_config(source, configured, running, compile_check=compile_check))

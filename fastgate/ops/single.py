@@ -20,7 +20,7 @@ from fastgate.ops.admin import AdminServer
 from fastgate.ops.logsetup import _log_start_errors
 from fastgate.ops.metrics import metrics_for
 from fastgate.ops.otel import request_sink
-from fastgate.ops.reload import _log_reload_errors, _read_config
+from fastgate.ops.reload import _log_reload_errors, reread
 from fastgate.ops.signals import (
     _install_stop_handlers,
     _Reloader,
@@ -74,13 +74,10 @@ async def _serve_single(config: GatewayConfig) -> int:
     async def reload() -> None:
         nonlocal running
         source = running.source
-        if source is None:
-            log.warning("SIGHUP: the config was not read from a file; nothing to reload")
-            return
-        log.info("SIGHUP: reloading %s", source)
         try:
-            new = await loop.run_in_executor(
-                None, lambda: _read_config(source, config, running, compile_check=False))
+            new = await reread(loop, running, config, compile_check=False)
+            if new is None:
+                return
             await gateway.swap(new)
         except ConfigError as exc:
             _log_reload_errors(source, exc.errors)
