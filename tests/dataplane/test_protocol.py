@@ -195,6 +195,19 @@ def expect(resp: RawResponse, answer: tuple[int, dict[str, str]]) -> None:
     assert resp.json() == body
 
 
+def one_exchange(env: Env, data: bytes) -> tuple[RawResponse, bytes | None]:
+    """``data`` written on a new connection to a gateway with ``env.config()``: the first
+    response, and what the gateway sends after it within 3 s (b"": it closed; None: the
+    connection stayed open)."""
+    async def go() -> tuple[RawResponse, bytes | None]:
+        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
+            writer.write(data)
+            resp = await response(reader)
+            return resp, await eof_within(reader, 3)
+
+    return env.run(go())
+
+
 def says_close(resp: RawResponse) -> bool:
     value = resp.header("Connection") or ""
     return "close" in [t.strip().lower() for t in value.split(",")]
@@ -288,14 +301,8 @@ def test_rejected_request_with_unread_body_closes(env: Env, framing: str) -> Non
     parsed as the next request; the connection closes after the reject."""
     declared = len(SMUGGLED) if framing == "body-sent" else 1_000_000
 
-    async def go() -> tuple[RawResponse, bytes | None]:
-        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
-            writer.write(b"POST /api/orders HTTP/1.1\r\nHost: gw.test\r\n"
-                         b"Content-Length: %d\r\n\r\n" % declared + SMUGGLED)
-            resp = await response(reader)
-            return resp, await eof_within(reader, 3)
-
-    resp, rest = env.run(go())
+    resp, rest = one_exchange(env, b"POST /api/orders HTTP/1.1\r\nHost: gw.test\r\n"
+                                   b"Content-Length: %d\r\n\r\n" % declared + SMUGGLED)
     assert resp.status == 401 and resp.json()["reason"] == "token_missing"
     assert rest == b"", "the connection stayed open (or answered the body as a request)"
     assert says_close(resp), resp.headers
@@ -316,14 +323,8 @@ def test_rejected_request_with_unread_body_closes(env: Env, framing: str) -> Non
 def test_ambiguous_framing_gets_400_and_close(env: Env, head: bytes) -> None:
     """RFC 9112 §6.1, §6.3 (3, 4) and §5.1: the body length cannot be trusted, so 400 and
     close; the bytes after the head (a smuggled request) reach nobody."""
-    async def go() -> tuple[RawResponse, bytes | None]:
-        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
-            writer.write(b"POST /public/x HTTP/1.1\r\nHost: gw.test\r\n" + head + b"\r\n"
-                         b"0\r\n\r\n" + SMUGGLED)
-            resp = await response(reader)
-            return resp, await eof_within(reader, 3)
-
-    resp, rest = env.run(go())
+    resp, rest = one_exchange(env, b"POST /public/x HTTP/1.1\r\nHost: gw.test\r\n" + head
+                              + b"\r\n0\r\n\r\n" + SMUGGLED)
     expect(resp, BAD_REQUEST)
     assert rest == b"", "the connection stayed open after a framing error"
     assert says_close(resp), resp.headers  # as HAProxy and nginx do
@@ -338,12 +339,7 @@ def test_ambiguous_framing_gets_400_and_close(env: Env, head: bytes) -> None:
 ], ids=["absolute-form", "absolute-form-other-host", "connect", "connect-loopback"])
 def test_absolute_form_and_connect_refused(env: Env, data: bytes,
                                            answer: tuple[int, dict[str, str]]) -> None:
-    async def go() -> RawResponse:
-        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
-            writer.write(data)
-            return await response(reader)
-
-    expect(env.run(go()), answer)
+    expect(one_exchange(env, data)[0], answer)
     assert env.up.records == []
 
 
@@ -356,12 +352,9 @@ def test_absolute_form_and_connect_refused(env: Env, data: bytes,
 def test_missing_or_repeated_host_is_400(env: Env, hosts: bytes) -> None:
     """RFC 9112 §3.2: an HTTP/1.1 request without Host, with more than one Host, or with an
     invalid one gets 400."""
-    async def go() -> RawResponse:
-        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
-            writer.write(b"GET /public/x HTTP/1.1\r\n" + hosts + b"Connection: close\r\n\r\n")
-            return await response(reader)
-
-    expect(env.run(go()), BAD_REQUEST)
+    resp, _ = one_exchange(env, b"GET /public/x HTTP/1.1\r\n" + hosts
+                           + b"Connection: close\r\n\r\n")
+    expect(resp, BAD_REQUEST)
     assert env.up.records == []
 
 
@@ -382,13 +375,7 @@ def test_http10_and_connection_close_honoured(env: Env, version: str, extra: str
     n = 200_000
     expected = ((bytes(range(256)) * 256) * 4)[:n]
 
-    async def go() -> tuple[RawResponse, bytes | None]:
-        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
-            writer.write(f"GET /public/big/{n} HTTP/{version}\r\n{extra}\r\n".encode())
-            resp = await response(reader)
-            return resp, await eof_within(reader, 3)
-
-    resp, rest = env.run(go())
+    resp, rest = one_exchange(env, f"GET /public/big/{n} HTTP/{version}\r\n{extra}\r\n".encode())
     assert resp.status == 200 and resp.body == expected
     if version == "1.0":
         assert resp.header("Transfer-Encoding") is None
@@ -402,14 +389,8 @@ def test_http10_and_connection_close_honoured(env: Env, version: str, extra: str
 def test_connection_close_then_more_bytes(env: Env) -> None:
     """HAProxy and nginx: answer the request that said close, then close; the bytes behind
     it are never answered nor forwarded."""
-    async def go() -> tuple[RawResponse, bytes | None]:
-        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
-            writer.write(b"GET /public/first HTTP/1.1\r\nHost: gw.test\r\n"
-                         b"Connection: close\r\n\r\n" + SMUGGLED)
-            resp = await response(reader)
-            return resp, await eof_within(reader, 3)
-
-    resp, rest = env.run(go())
+    resp, rest = one_exchange(env, b"GET /public/first HTTP/1.1\r\nHost: gw.test\r\n"
+                                   b"Connection: close\r\n\r\n" + SMUGGLED)
     assert resp.status == 200 and resp.json()["target"] == "/public/first"
     assert says_close(resp), resp.headers
     assert rest == b""
@@ -975,12 +956,7 @@ def test_w3c_traceparent_passed_or_created(env: Env, mode: str, sent: str | None
     http_request("GET", "/dead/x"),
 ], ids=["404", "401", "400", "405", "413", "431", "502"])
 def test_gateway_responses_have_no_python_server_banner(env: Env, data: bytes) -> None:
-    async def go() -> RawResponse:
-        async with serving(env.config()) as gw, connection(gw.port) as (reader, writer):
-            writer.write(data)
-            return await response(reader)
-
-    resp = env.run(go())
+    resp, _ = one_exchange(env, data)
     assert resp.status >= 400
     server = (resp.header("Server") or "").lower()
     assert not any(token in server for token in BANNED_SERVER_TOKENS), server
