@@ -26,7 +26,7 @@ import contextlib
 import functools
 import hashlib
 import socket
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Self, TypeVar
 
@@ -241,6 +241,16 @@ async def start_gateway(config: GatewayConfig, **build_kwargs: Any) -> Gateway:
     gw = Gateway.build(config, **build_kwargs)
     await gw.start()
     return gw
+
+
+@contextlib.asynccontextmanager
+async def serving(config: GatewayConfig, **build_kwargs: Any) -> AsyncIterator[Gateway]:
+    """A started gateway for the ``async with`` block, stopped after it."""
+    gw = await start_gateway(config, **build_kwargs)
+    try:
+        yield gw
+    finally:
+        await gw.stop()
 
 
 @dataclass

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fastgate import Reason, Verifier
 from tests.factory import b64u, public_jwk
+from tests.gateway_fixtures import dead_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "tests" / "configs"
@@ -278,12 +278,6 @@ def test_run_log_level_is_checked(tmp_path: Path) -> None:
                                 "info, warning, error, got 'loud'")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
 
 def test_workers_import_what_the_master_runs_not_the_working_directory(tmp_path: Path) -> None:
     """cwd = a source checkout whose ./fastgate cannot import (no compiled extension there):
@@ -292,7 +286,7 @@ def test_workers_import_what_the_master_runs_not_the_working_directory(tmp_path:
     (shadow / "fastgate").mkdir(parents=True)
     (shadow / "fastgate" / "__init__.py").write_text(
         "raise ImportError('the ./fastgate of the working directory was imported')\n")
-    port, admin = _free_port(), _free_port()
+    port, admin = dead_port(), dead_port()
     cfg = tmp_path / "gateway.yaml"
     cfg.write_text(
         f"listen: 127.0.0.1:{port}\nadmin: 127.0.0.1:{admin}\nworkers: 2\n"

@@ -34,6 +34,7 @@ from fastgate.auth.replay import (
 )
 from fastgate.config import RedisStoreConfig, ReplayStoreConfig
 from fastgate.ops.metrics import Metrics
+from tests.factory import Clock
 from tests.redis_fixtures import RedisServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,14 +51,6 @@ def uv(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., T]:
             return runner.run(asyncio.wait_for(fn(*args, **kwargs), 30))
 
     return wrapper
-
-
-class Clock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:

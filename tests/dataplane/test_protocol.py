@@ -24,7 +24,6 @@ from typing import Any, TypeVar
 import pytest
 from aiohttp import web
 
-from fastgate.app import Gateway
 from fastgate.config import (
     Address,
     AuthConfig,
@@ -46,7 +45,7 @@ from tests.gateway_fixtures import (
     eof_within,
     http_request,
     read_response,
-    start_gateway,
+    serving,
 )
 
 T = TypeVar("T")
@@ -138,20 +137,8 @@ def env() -> Iterator[Env]:
 
 
 @pytest.fixture(autouse=True)
-def _clear(env: Env) -> Iterator[None]:
+def _clear(env: Env) -> None:
     env.up.clear()
-    gc.collect()  # a failed test's sockets are finalised here, not while pytest reports
-    yield
-    gc.collect()
-
-
-@contextlib.asynccontextmanager
-async def serving(config: GatewayConfig, **build: Any) -> AsyncIterator[Gateway]:
-    gw = await start_gateway(config, **build)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
 
 
 @contextlib.asynccontextmanager

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -18,7 +17,6 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from fastgate.app import Gateway
 from fastgate.config import (
     Address,
     AuthConfig,
@@ -37,7 +35,7 @@ from tests.gateway_fixtures import (
     RawResponse,
     eof_within,
     read_response,
-    start_gateway,
+    serving,
 )
 
 # -- design choices (one place each) ------------------------------------------------------------
@@ -145,22 +143,10 @@ def env() -> Iterator[Env]:
 
 
 @pytest.fixture(autouse=True)
-def _clear(env: Env) -> Iterator[None]:
+def _clear(env: Env) -> None:
     env.up.handshakes.clear()
     env.up.plain.clear()
     env.up.ended.clear()
-    gc.collect()  # a failed test's sockets are finalised here, not while pytest reports
-    yield
-    gc.collect()
-
-
-@contextlib.asynccontextmanager
-async def serving(config: GatewayConfig) -> AsyncIterator[Gateway]:
-    gw = await start_gateway(config)
-    try:
-        yield gw
-    finally:
-        await gw.stop()
 
 
 async def answer(reader: asyncio.StreamReader, what: str) -> RawResponse:

@@ -19,17 +19,9 @@ from fastgate import Verifier
 from fastgate.config import ProviderConfig
 from fastgate.keys.jwks import FileKeySource
 from fastgate.ops.metrics import Metrics
-from tests.factory import generate, jwks_of
+from tests.factory import Clock, generate, jwks_of
 
 ISS = "https://idp.example.test/"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 5000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _age(metrics: Metrics) -> float:
@@ -51,7 +43,7 @@ def test_file_age_grows_while_the_file_is_bad_and_resets_on_a_good_load(tmp_path
         path = tmp_path / "jwks.json"
         good = orjson.dumps(jwks_of(generate("ES256", "k1")))
         path.write_bytes(good)
-        clock = Clock()
+        clock = Clock(5000.0)
         metrics = Metrics(routes=("r",), providers=("f",), upstreams=("u",))
         src = FileKeySource(
             ProviderConfig(name="f", issuer=ISS, key_source="jwks_file", jwks_file=str(path)),

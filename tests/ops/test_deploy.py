@@ -50,6 +50,7 @@ from fastgate.config import (
 from fastgate.errors import ConfigError
 from fastgate.ops.supervisor import STOP_MARGIN
 from fastgate.token.reasons import REJECT_REASONS
+from tests.gateway_fixtures import dead_port
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -513,7 +514,7 @@ def test_dockerfile_healthcheck_follows_the_admin_port_variable(tmp_path: Path) 
     assert "FASTGATE_ADMIN_PORT" in cmd[-1] and "9901" not in cmd[-1].replace(
         "or '9901'", "")  # only the fallback when the variable is unset
     # A config with `admin: 127.0.0.1:${FASTGATE_ADMIN_PORT}` loads with the same variable.
-    port = _free_port()
+    port = dead_port()
     cfg = parse_config(yaml.safe_load(
         "admin: '127.0.0.1:${FASTGATE_ADMIN_PORT}'\n"
         "upstreams: {u: {url: 'http://127.0.0.1:1'}}\n"
@@ -533,7 +534,7 @@ def test_dockerfile_healthcheck_follows_the_admin_port_variable(tmp_path: Path) 
     try:
         env = {**os.environ, "FASTGATE_ADMIN_PORT": str(port)}
         assert subprocess.run(cmd, env=env, timeout=30).returncode == 0
-        env["FASTGATE_ADMIN_PORT"] = str(_free_port())  # nothing listens there
+        env["FASTGATE_ADMIN_PORT"] = str(dead_port())  # nothing listens there
         assert subprocess.run(cmd, env=env, capture_output=True, timeout=30).returncode != 0
     finally:
         asyncio.run_coroutine_threadsafe(admin.stop(), loop).result(10)
@@ -541,14 +542,6 @@ def test_dockerfile_healthcheck_follows_the_admin_port_variable(tmp_path: Path) 
         thread.join(10)
         loop.close()
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def test_dockerfile_build_and_runtime_stages(k8s_config: GatewayConfig) -> None:
