@@ -33,7 +33,16 @@ from fastgate.keys.jwks import (
     discovery_url,
     ttl_from_cache_control,
 )
-from tests.factory import AUDIENCE, NOW, SigningKey, default_claims, generate, jwks_of, make_token
+from tests.factory import (
+    AUDIENCE,
+    NOW,
+    Clock,
+    SigningKey,
+    default_claims,
+    generate,
+    jwks_of,
+    make_token,
+)
 from tests.idp import IdP, free_port, run
 
 _KEYS: dict[str, SigningKey] = {}
@@ -45,17 +54,6 @@ def key(kid: str, alg: str = "ES256", rsa_bits: int = 2048) -> SigningKey:
     if name not in _KEYS:
         _KEYS[name] = generate(alg, kid, rsa_bits=rsa_bits)
     return _KEYS[name]
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class Recorder:
@@ -329,7 +327,7 @@ async def test_fetch_verifies_tokens_and_reports_state() -> None:
 @arun
 async def test_rotation_new_kid_after_one_refetch_removed_kid_rejected_after_refresh() -> None:
     k1, k2 = key("k1"), key("k2")
-    clock = FakeClock()
+    clock = Clock()
     async with IdP(keys=jwks_of(k1)) as idp, source(idp, clock=clock) as src:
         v = src.verifier
         t1, t2 = token(k1, idp.issuer), token(k2, idp.issuer)
@@ -354,7 +352,7 @@ async def test_rotation_new_kid_after_one_refetch_removed_kid_rejected_after_ref
 @arun
 async def test_applied_keys_are_the_document_in_use() -> None:
     k1, k2 = key("k1"), key("k2")
-    clock = FakeClock()
+    clock = Clock()
     async with IdP(keys=jwks_of(k1)) as idp, source(idp, clock=clock) as src:
         assert src.applied_keys == tuple(jwks_of(k1)["keys"])
         idp.set_keys(k1, k2)
@@ -529,7 +527,7 @@ async def test_unknown_kid_single_flight() -> None:
 @arun
 async def test_unknown_kid_negative_cache_and_rate_limit() -> None:
     k1 = key("k1")
-    clock = FakeClock()
+    clock = Clock()
     cache = JwksCacheConfig(timeout=1, min_refresh_interval=10)
     async with IdP(keys=jwks_of(k1)) as idp, source(idp, cache=cache, clock=clock) as src:
         assert idp.hits["/jwks"] == 1
@@ -570,7 +568,7 @@ async def test_unknown_kid_negative_cache_and_rate_limit() -> None:
 @arun
 async def test_kid_miss_budget_counts_kid_refetches_not_scheduled_ones() -> None:
     k1, k2, k3 = key("k1"), key("k2"), key("k3")
-    clock = FakeClock()
+    clock = Clock()
     cache = JwksCacheConfig(timeout=1, min_refresh_interval=10)
     async with IdP(keys=jwks_of(k1)) as idp, source(idp, cache=cache, clock=clock) as src:
         assert idp.hits["/jwks"] == 1  # the start-up fetch, this very instant
@@ -652,7 +650,7 @@ async def test_unknown_kid_wait_is_bounded() -> None:
 @arun
 async def test_max_stale_drops_keys_then_jwks_unavailable_until_recovery() -> None:
     k1 = key("k1")
-    clock = FakeClock()
+    clock = Clock()
     rec = Recorder()
     cache = JwksCacheConfig(ttl=600, min_refresh_interval=30, max_stale=3600, timeout=1)
     async with (IdP(keys=jwks_of(k1)) as idp,
