@@ -78,8 +78,6 @@ class UpstreamPool:
         #: TLS towards an https upstream (:mod:`fastgate.dataplane.upstream_tls`): the client
         #: context and the name sent as SNI and checked against the certificate (None: http).
         self._tls = UpstreamTLS(config, self._host, self._port, https=url.scheme == "https")
-        self._ssl: ssl.SSLContext | None = self._tls.context
-        self._server_hostname: str | None = self._tls.server_hostname
         self._base = url.path.rstrip("/")
         self._connect_timeout = config.connect_timeout
         self._read_timeout = config.read_timeout
@@ -344,14 +342,15 @@ class UpstreamPool:
         """Open a connection for an already counted slot."""
         loop = asyncio.get_running_loop()
         conn: _Conn = self._conn_class(self, loop)
+        tls = self._tls
         try:
             async with asyncio.timeout(self._connect_timeout):
-                if self._ssl is None:
+                if tls.context is None:
                     await loop.create_connection(lambda: conn, self._host, self._port)
                 else:
                     await loop.create_connection(
-                        lambda: conn, self._host, self._port, ssl=self._ssl,
-                        server_hostname=self._server_hostname,
+                        lambda: conn, self._host, self._port, ssl=tls.context,
+                        server_hostname=tls.server_hostname,
                         ssl_handshake_timeout=self._connect_timeout)
         except BaseException as exc:
             self._count -= 1
@@ -363,7 +362,7 @@ class UpstreamPool:
             if isinstance(exc, ssl.SSLError):
                 # A certificate not accepted, or no shared version or cipher: a TLS failure.
                 raise handshake_error(exc, self._host, self._port,
-                                      self._server_hostname) from None
+                                      tls.server_hostname) from None
             if isinstance(exc, OSError):
                 raise UpstreamError(
                     "connect", f"connect to {self._host}:{self._port} failed: {exc}") from None
