@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.sources import compiled_source
+
 PKG = Path(__file__).resolve().parents[1] / "fastgate"
 
 # Rows of docs/architecture.md's import diagram, bottom first: a module may import from its
@@ -43,13 +45,14 @@ def plane(module: str) -> str:
 
 
 def imports(path: Path) -> Iterator[tuple[str, bool]]:
-    """(imported fastgate module, at import time?) for every import of ``path``; imports under
-    ``if TYPE_CHECKING:`` are left out, imports inside functions are not at import time."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".pyx", ".pxi"):
-        for m in _PYX_IMPORT.finditer(text):
+    """(imported fastgate module, at import time?) for every import of ``path`` (a ``.pyx``
+    read with its ``.pxi`` includes); imports under ``if TYPE_CHECKING:`` are left out,
+    imports inside functions are not at import time."""
+    if path.suffix == ".pyx":  # with its includes: one extension module
+        for m in _PYX_IMPORT.finditer(compiled_source(path)):
             yield (m.group(1) or m.group(3)), True
         return
+    text = path.read_text(encoding="utf-8")
 
     def walk(node: ast.AST, top: bool) -> Iterator[tuple[str, bool]]:
         for child in ast.iter_child_nodes(node):
@@ -72,8 +75,11 @@ def imports(path: Path) -> Iterator[tuple[str, bool]]:
             yield name, top
 
 
-def sources() -> list[Path]:
-    return sorted(p for ext in ("*.py", "*.pyx", "*.pxi") for p in PKG.rglob(ext))
+def sources(*, includes: bool = False) -> list[Path]:
+    """Every module's file; with ``includes``, the ``.pxi`` files too (each is part of the
+    ``.pyx`` that includes it, whose imports cover it)."""
+    exts = ("*.py", "*.pyx", "*.pxi") if includes else ("*.py", "*.pyx")
+    return sorted(p for ext in exts for p in PKG.rglob(ext))
 
 
 def resolve(name: str, known: set[str]) -> str:
@@ -102,13 +108,8 @@ def test_no_import_cycle_between_modules() -> None:
     known = {module_name(p) for p in sources()}
     graph: dict[str, set[str]] = {}
     for path in sources():
-        if path.suffix == ".pxi":
-            continue  # an include is part of its .pyx, whose import lines are read below
         me = module_name(path)
         deps = {resolve(n, known) for n, top in imports(path) if top}
-        if path.suffix == ".pyx":
-            for inc in re.findall(r'^include "(\w+\.pxi)"', path.read_text("utf-8"), re.M):
-                deps |= {resolve(n, known) for n, _ in imports(path.parent / inc)}
         # importing fastgate.x.y first imports the package fastgate.x
         graph[me] = {d for d in deps if d != me and not me.startswith(d + ".")}
     done: set[str] = set()
@@ -137,8 +138,9 @@ def test_every_package_says_what_it_owns_and_may_import(package: str) -> None:
 
 
 def test_no_module_grows_past_the_limit_unless_it_says_why() -> None:
-    long = {str(p.relative_to(PKG)): len(p.read_text("utf-8").splitlines())
-            for p in sources() if len(p.read_text("utf-8").splitlines()) > LIMIT}
+    lines = {str(p.relative_to(PKG)): len(p.read_text("utf-8").splitlines())
+             for p in sources(includes=True)}
+    long = {rel: n for rel, n in lines.items() if n > LIMIT}
     assert set(long) == set(LONG), long
     for rel, why in LONG.items():
         pyx = (PKG / rel).parent / "_http.pyx" if rel.endswith(".pxi") else PKG / rel

@@ -46,6 +46,7 @@ from tests.factory import (
     make_token,
     public_jwk,
 )
+from tests.sources import compiled_source
 
 R = Reason
 SKEW = 60
@@ -892,18 +893,6 @@ def test_d10_hmac_tag(case: str) -> None:
         bad = {"truncated-16": tag[:16], "truncated-31": tag[:31], "empty": b"",
                "extended": tag + b"\x00"}[case]
     check(v, with_sig(token, bad), R.SIGNATURE_INVALID)
-
-
-def compiled_source(pyx: Path) -> str:
-    """The source Cython compiles for ``pyx``: the file with every ``include "name.pxi"`` line
-    replaced by that file's text (``_verify.pyx`` is split into included files)."""
-    out: list[str] = []
-    for line in pyx.read_text().splitlines(keepends=True):
-        if line.startswith("include "):
-            out.append(compiled_source(pyx.parent / line.split('"')[1]))
-        else:
-            out.append(line)
-    return "".join(out)
 
 
 def test_d11_hmac_compare_is_constant_time() -> None:
